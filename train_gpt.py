@@ -531,7 +531,6 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.n_enc = cfg.num_layers // 2
         self.skip_weights = nn.Parameter(torch.full((min(self.n_enc, cfg.num_layers - self.n_enc), dim), 0.1))
-        self._rope: dict = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -554,13 +553,6 @@ class GPT(nn.Module):
             if isinstance(m, QATLinear):
                 m.quantized = on
 
-    def _rope_for(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (T, str(device))
-        if key not in self._rope:
-            with torch.inference_mode(False):  # a cache made while scoring must still serve TTT's backward
-                self._rope[key] = rope_tables(T, self.cfg.rope_dims, device)
-        return self._rope[key]
-
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [B,T,dim] (before the tied output projection)."""
         cfg = self.cfg
@@ -572,7 +564,7 @@ class GPT(nn.Module):
         # SmearGate: blend in the previous position; not across a document start (BOS), and x_{-1} = 0.
         g = torch.sigmoid(self.smear_gate) * (ids != self.BOS_ID).unsqueeze(-1).to(x.dtype)
         x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
-        x0, rope = x, self._rope_for(ids.size(1), ids.device)
+        x0, rope = x, rope_tables(ids.size(1), self.cfg.rope_dims, ids.device)
         ve_base = self.ve_scale * self.ve_proj(self.ve_embed(ids))
         skips, v0 = [], None
         for i, block in enumerate(self.blocks):
