@@ -1197,23 +1197,38 @@ def window_batch(val: ValData, ends: np.ndarray, ks: np.ndarray, d: Dist):
     return x, y, first[:, None] <= torch.arange(L, device=d.device)[None, :]
 
 
-def fit_slot_delta(model: GPT, h: torch.Tensor, y: torch.Tensor, fit: torch.Tensor, cfg: Config, shared: bool):
-    """SLOT: a hidden-state offset delta fitted by AdamW on the positions in `fit`. Causal mode: one delta per
-    window, fitted on its context (targets already scored by earlier windows), so no scored label reaches
-    its own prediction. Reference mode (spec §5.3): one delta shared by the batch, fitted on the scored
-    positions themselves -- the scored labels shape their own predictions (fails C1/C3)."""
-    delta = torch.zeros(1 if shared else h.size(0), 1, h.size(-1), device=h.device, requires_grad=True)
-    opt = torch.optim.AdamW([delta], lr=cfg.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
+def slot_adam_step(h, delta, m, v, emb, y, w, lr, k, softcap: float, wd: float = 1e-8, eps: float = 1e-5):
+    """One AdamW step (betas 0.9/0.999) on the SLOT offset, with the softcapped-CE gradient in closed form:
+    a handful of fused kernels instead of an autograd graph per inner step. Rows of `w` weight the positions
+    (their sums define each delta's loss); delta has one row per window, or one shared row."""
+    t = torch.tanh(F.linear((h + delta).to(emb.dtype), emb).float() / softcap)
+    p = torch.softmax(softcap * t, dim=-1)
+    g = p.scatter_add(-1, y.unsqueeze(-1), -torch.ones_like(p[..., :1])) * w.unsqueeze(-1) * (1 - t * t)
+    grad = (g.to(emb.dtype) @ emb).float().sum(dim=1, keepdim=True)
+    if delta.size(0) == 1:
+        grad = grad.sum(dim=0, keepdim=True)
+    delta = delta * (1 - lr * wd)
+    m = 0.9 * m + 0.1 * grad
+    v = 0.999 * v + 0.001 * grad * grad
+    step = lr * (m / (1 - 0.9 ** k)) / ((v / (1 - 0.999 ** k)).sqrt() + eps)
+    return delta - step, m, v
+
+
+def fit_slot_delta(step_fn, model: GPT, h: torch.Tensor, y: torch.Tensor, fit: torch.Tensor, cfg: Config, shared: bool):
+    """SLOT: a hidden-state offset delta fitted on the positions in `fit`. Causal mode: one delta per window,
+    fitted on its context (targets that earlier windows scored), so no scored label reaches its own
+    prediction. Reference mode (spec §5.3): one delta shared by the batch, fitted on the scored positions
+    themselves -- the scored labels shape their own predictions (fails C1/C3)."""
+    delta = torch.zeros(1 if shared else h.size(0), 1, h.size(-1), device=h.device)
+    m, v = torch.zeros_like(delta), torch.zeros_like(delta)
     w = fit.float()
     w = w / w.sum().clamp_min(1) if shared else w / w.sum(1, keepdim=True).clamp_min(1)
+    emb = model.tok_emb.weight.detach().to(torch.bfloat16 if h.is_cuda else torch.float32)
     for k in range(cfg.slot_steps):
-        opt.param_groups[0]["lr"] = cfg.slot_lr_min + 0.5 * (cfg.slot_lr - cfg.slot_lr_min) * (1 + math.cos(math.pi * k / cfg.slot_steps))
-        logits = model.logits(h + delta.to(h.dtype))
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)
-        opt.zero_grad(set_to_none=True)
-        (ce * w).sum().backward()
-        opt.step()
-    return delta.detach()
+        lr = cfg.slot_lr_min + 0.5 * (cfg.slot_lr - cfg.slot_lr_min) * (1 + math.cos(math.pi * k / cfg.slot_steps))
+        delta, m, v = step_fn(h, delta, m, v, emb, y, w, torch.tensor(lr, device=h.device),
+                              torch.tensor(k + 1.0, device=h.device), cfg.logit_softcap)
+    return delta
 
 
 class Scorer:
@@ -1225,7 +1240,9 @@ class Scorer:
         use_compile = bool(cfg.compile) and d.device.type == "cuda"
         self.nll = torch.compile(nll_per_token, dynamic=False) if use_compile else nll_per_token
         self.hidden = torch.compile(model.hidden, dynamic=False) if use_compile else model.hidden
+        self.slot_step = torch.compile(slot_adam_step, dynamic=False) if use_compile else slot_adam_step
         self.slot_active = slot != "off"
+        self.pad = True  # one batch shape throughout: a compiled scorer never recompiles for the last batch
 
     def target_range(self, k_lo: int, k_hi: int) -> tuple[int, int]:
         return (int(self.ends[k_lo - 1]) if k_lo > 0 else 0), int(self.ends[k_hi - 1])
@@ -1234,9 +1251,14 @@ class Scorer:
         out, bs = [], self.cfg.eval_batch_seqs
         for b in range(k_lo, k_hi, bs):
             ks = np.arange(b, min(b + bs, k_hi))
+            real = len(ks)
+            if self.pad and real < bs:  # repeat the last window; its copies get no weight and are dropped
+                ks = np.concatenate((ks, np.full(bs - real, ks[-1])))
             x, y, scored = window_batch(self.val, self.ends, ks, self.d)
+            scored[real:] = False
             nll = self._score_batch(x, y, scored)
-            out.append(nll[scored].double().cpu().numpy())
+            out.append(nll[:real][scored[:real]].double().cpu().numpy())
+            ks = ks[:real]
             if progress:
                 progress(ks[-1] + 1 - k_lo, out)
         return np.concatenate(out) if out else np.zeros(0)
@@ -1248,9 +1270,9 @@ class Scorer:
         with torch.no_grad(), autocast(self.d):
             h = self.hidden(x).float()
         if self.slot == "reference":
-            delta = fit_slot_delta(self.model, h, y, scored, self.cfg, shared=True)
+            delta = fit_slot_delta(self.slot_step, self.model, h, y, scored, self.cfg, shared=True)
         else:  # causal: context = positions before each window's scored slice; the first window has none
-            delta = fit_slot_delta(self.model, h, y, ~scored, self.cfg, shared=False)
+            delta = fit_slot_delta(self.slot_step, self.model, h, y, ~scored, self.cfg, shared=False)
         with torch.inference_mode(), autocast(self.d):
             logits = self.model.logits(h + delta)
             return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)
@@ -1330,6 +1352,7 @@ def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline:
     chunk_of = starts // cfg.ttt_chunk_tokens  # a window belongs to the chunk holding its first scored target
     bounds = np.flatnonzero(np.diff(chunk_of)) + 1
     chunks = np.split(np.arange(len(ends)), bounds)
+    model.zero_grad(set_to_none=True)  # adapt from the chunks' gradients alone
     frozen = {id(p) for b in model.blocks[:cfg.ttt_freeze_blocks] for p in b.parameters()}
     params = [p for p in model.parameters() if id(p) not in frozen]
     for p in model.parameters():

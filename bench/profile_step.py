@@ -1,0 +1,80 @@
+"""Where a training step's GPU time goes: attention backends side by side, then the top kernels of one
+compiled h100-preset step (torch.profiler).  python bench/profile_step.py --data-path .proxy"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train_gpt as tg  # noqa: E402
+
+
+def time_fn(fn, iters=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters * 1000
+
+
+def attention_variants(B=48, T=2048, H=8, KV=4, D=64):
+    q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def run(backends, gqa):
+        def f():
+            with sdpa_kernel(backends):
+                kk, vv = (k, v) if gqa else (k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1))
+                y = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+                y.sum().backward()
+        return f
+    rows = []
+    for name, be, gqa in [("default+enable_gqa", [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], True), ("flash+enable_gqa", [SDPBackend.FLASH_ATTENTION], True),
+                          ("cudnn+enable_gqa", [SDPBackend.CUDNN_ATTENTION], True), ("efficient+enable_gqa", [SDPBackend.EFFICIENT_ATTENTION], True),
+                          ("flash+repeat_kv", [SDPBackend.FLASH_ATTENTION], False), ("cudnn+repeat_kv", [SDPBackend.CUDNN_ATTENTION], False)]:
+        try:
+            rows.append((name, f"{time_fn(run(be, gqa)):.2f}"))
+        except Exception as e:
+            rows.append((name, f"unsupported ({type(e).__name__})"))
+    print(f"attention fwd+bwd B={B} T={T} H={H} KV={KV} D={D} (one layer, one micro-batch):")
+    for n, t in rows:
+        print(f"  {n:<24} {t} ms")
+
+
+def profile(data_path):
+    d = tg.Dist(0, 1, torch.device("cuda", 0))
+    cfg = tg.build_config("h100", {"data_path": data_path})
+    model = tg.GPT(cfg).to(d.device)
+    fwd = torch.compile(model, dynamic=False, fullgraph=True)
+    opt, loader = tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
+
+    def step(i):
+        for x, y in loader.next_step():
+            with tg.autocast(d):
+                loss = fwd(x, y)
+            (loss / loader.accum).backward()
+        opt.step(i, 1.0)
+        opt.zero_grad()
+    for i in range(3):
+        step(i)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(3)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-path", default=".proxy")
+    a = ap.parse_args()
+    attention_variants()
+    profile(a.data_path)
