@@ -1234,8 +1234,10 @@ def fit_slot_delta(step_fn, model: GPT, h: torch.Tensor, y: torch.Tensor, fit: t
 class Scorer:
     """Scores windows of the val stream; returns float64 NLL per scored target, in stream order."""
 
-    def __init__(self, model: GPT, val: ValData, cfg: Config, d: Dist, seq_len: int, stride: int, slot: str = "off"):
+    def __init__(self, model: GPT, val: ValData, cfg: Config, d: Dist, seq_len: int, stride: int, slot: str = "off",
+                 deadline: float = math.inf, log: Log | None = None):
         self.model, self.val, self.cfg, self.d, self.slot = model, val, cfg, d, slot
+        self.deadline, self.log = deadline, log
         self.ends = window_ends(val.n, seq_len, stride)
         use_compile = bool(cfg.compile) and d.device.type == "cuda"
         self.nll = torch.compile(nll_per_token, dynamic=False) if use_compile else nll_per_token
@@ -1248,8 +1250,15 @@ class Scorer:
         return (int(self.ends[k_lo - 1]) if k_lo > 0 else 0), int(self.ends[k_hi - 1])
 
     def score(self, k_lo: int, k_hi: int, progress=None) -> np.ndarray:
-        out, bs = [], self.cfg.eval_batch_seqs
+        out, bs, t0 = [], self.cfg.eval_batch_seqs, time.perf_counter()
         for b in range(k_lo, k_hi, bs):
+            if self.slot_active and b > k_lo:  # stop adapting (never scoring) when the rest would overrun
+                per_batch = (time.perf_counter() - t0) / ((b - k_lo) / bs)
+                if time.perf_counter() + per_batch * (k_hi - b) / bs > self.deadline:
+                    self.slot_active = False
+                    if self.log:
+                        self.log(f"eval: budget: SLOT stops adapting at window {b}/{k_hi} (rank {self.d.rank}); "
+                                 f"the remaining windows are scored without it")
             ks = np.arange(b, min(b + bs, k_hi))
             real = len(ks)
             if self.pad and real < bs:  # repeat the last window; its copies get no weight and are dropped
@@ -1320,11 +1329,11 @@ def reduce_score(nll: np.ndarray, t_lo: int, val: ValData, d: Dist, name: str, t
     return r
 
 
-def evaluate(model: GPT, val: ValData, cfg: Config, d: Dist, stride: int, name: str = "",
-             slot: str = "off", log: Log | None = None, save_nll: str | None = None) -> dict:
+def evaluate(model: GPT, val: ValData, cfg: Config, d: Dist, stride: int, name: str = "", slot: str = "off",
+             log: Log | None = None, save_nll: str | None = None, deadline: float = math.inf) -> dict:
     """One pass over the val stream, windows split across ranks in contiguous blocks."""
     t0 = time.perf_counter()
-    sc = Scorer(model, val, cfg, d, cfg.eval_seq_len, stride, slot)
+    sc = Scorer(model, val, cfg, d, cfg.eval_seq_len, stride, slot, deadline, log)
     nw = len(sc.ends)
     k_lo, k_hi = nw * d.rank // d.world, nw * (d.rank + 1) // d.world
     t_lo, _ = sc.target_range(k_lo, k_hi) if k_hi > k_lo else (0, 0)
@@ -1428,35 +1437,32 @@ def ttt_update(params: list, sgd, lr: float, cfg: Config, d: Dist) -> None:
 
 
 def final_eval(model: GPT, cfg: Config, d: Dist, log: Log, save_nll: str | None) -> dict:
-    """Every enabled mode, each a full pass scoring every target once, under the eval budget clock."""
+    """Every enabled mode, each a full pass scoring every target once, under the eval budget clock. The
+    score is TTT's if on, else causal SLOT's if on, else sliding's: fixed by the config, not by the results."""
     t0 = time.perf_counter()
     val = ValData(cfg)
     log(f"eval_phase:load_val {time.perf_counter() - t0:.1f}s targets:{val.n}")
     if cfg.compile and d.device.type == "cuda":  # compile warm-up, logged apart from the budget (rules §1.3)
         t = time.perf_counter()
         small = ValData(cfg, val.tokens[:cfg.eval_seq_len * 4 + 1])
-        evaluate(model, small, cfg, d, stride=cfg.eval_stride)
+        for slot in ("off", cfg.slot) if cfg.slot != "off" else ("off",):
+            evaluate(model, small, cfg, d, stride=cfg.eval_stride, slot=slot)
         log(f"eval_phase:compile_warmup {time.perf_counter() - t:.1f}s (untimed)")
     start = time.perf_counter()
     deadline = start + cfg.eval_budget_s
+    slot_name = f"slot_{cfg.slot}"
+    owner = "ttt" if cfg.ttt else slot_name if cfg.slot == "causal" else "sliding"  # who writes --save-nll
     results = {"roundtrip": evaluate(model, val, cfg, d, cfg.eval_seq_len, "roundtrip", log=log)}
-    primary = "sliding"
     results["sliding"] = evaluate(model, val, cfg, d, cfg.eval_stride, "sliding", log=log,
-                                  save_nll=save_nll if not cfg.ttt and cfg.slot == "off" else None)
-    if cfg.slot != "off":
-        name = f"slot_{cfg.slot}"
-        if time.perf_counter() > deadline and cfg.slot == "causal":
-            log(f"eval: budget spent before {name}: skipped")
-        else:
-            results[name] = evaluate(model, val, cfg, d, cfg.eval_stride, name, slot=cfg.slot, log=log,
-                                     save_nll=save_nll if not cfg.ttt else None)
-            primary = name if cfg.slot == "causal" else primary
+                                  save_nll=save_nll if owner == "sliding" else None)
     if cfg.ttt:
         results["ttt"] = eval_ttt(model, val, cfg, d, log, deadline, save_nll)
-        primary = "ttt"
+    if cfg.slot != "off":
+        results[slot_name] = evaluate(model, val, cfg, d, cfg.eval_stride, slot_name, slot=cfg.slot, log=log,
+                                      save_nll=save_nll if owner == slot_name else None, deadline=deadline)
     phases = " ".join(f"{k}:{v['seconds']:.1f}s" for k, v in results.items())
     log(f"eval_phases: {phases} total:{time.perf_counter() - start:.1f}s budget:{cfg.eval_budget_s:.0f}s")
-    return {"modes": results, "primary": primary}
+    return {"modes": results, "primary": owner}
 
 
 def write_submission(cfg: Config, d: Dist, ev: dict, art: dict, train_info: dict, log: Log) -> None:

@@ -1,0 +1,447 @@
+"""Training section: learning on the bundled sample, input validation, exact resume, and a real
+2-process torchrun (gloo) run that must match a single-process run with the same global batch."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (DATA, LEAKY_ENV, ROOT, TOKENIZER, dist1, parse_steps, quiet_log, smoke_cfg, tg, val_tokens,
+                      write_shard)
+
+# ---------------------------------------------------------------------------------------------------
+# learning
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_smoke_steps_lower_the_loss(trained):
+    losses = parse_steps(trained["log"])
+    assert sorted(losses) == list(range(1, 13)) and trained["info"]["steps"] == 12
+    assert all(math.isfinite(v) for v in losses.values())
+    assert abs(losses[1] - math.log(1024)) < 0.1  # starts near uniform
+    assert losses[12] < losses[1] - 0.5, losses
+
+
+def test_trained_model_beats_init_on_held_out_val(trained):
+    cfg, d = trained["cfg"], dist1()
+    val = tg.ValData(cfg, tokens=val_tokens(4097))
+    torch.manual_seed(cfg.seed)
+    init = tg.evaluate(tg.GPT(cfg), val, cfg, d, stride=cfg.eval_seq_len)
+    after = tg.evaluate(trained["model"], val, cfg, d, stride=cfg.eval_seq_len)
+    assert abs(init["val_loss"] - math.log(1024)) < 0.05
+    assert after["val_loss"] < init["val_loss"] - 0.5, (init, after)
+
+
+def test_train_writes_model_pt_and_rotates_checkpoints(tmp_path):
+    cfg = smoke_cfg(tmp_path, iterations=3, warmdown_iters=1, save_every=1)
+    tg.train(cfg, dist1(), quiet_log())
+    assert sorted(p.name for p in tmp_path.glob("ckpt_step*.pt")) == ["ckpt_step000002.pt", "ckpt_step000003.pt"]
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved["config"]["run_dir"] == str(tmp_path) and saved["config"]["iterations"] == 3
+    ck = torch.load(tmp_path / "ckpt_step000003.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["world"] == 1 and set(ck["model"]) == set(saved["model"])
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temp files
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: a clear InputError naming the culprit
+# ---------------------------------------------------------------------------------------------------
+
+GOOD = np.arange(2000) % 1024
+
+BAD_SHARDS = {  # name -> (write_shard kwargs, words the message must contain)
+    "wrong_magic": (dict(tokens=GOOD, magic=20240521), "bad magic"),
+    "wrong_version": (dict(tokens=GOOD, version=7), "bad magic/version"),
+    "truncated_tokens": (dict(tokens=GOOD, drop_bytes=2), "header says 2000 tokens"),
+    "extra_bytes": (dict(tokens=GOOD, n=1999), "header says 1999 tokens"),
+    "truncated_header": (dict(tokens=GOOD, drop_bytes=1024 + 2 * 2000 - 100), "truncated header"),
+    "id_out_of_vocab": (dict(tokens=np.where(np.arange(2000) == 1234, 1024, GOOD)), "token id 1024 at position 1234"),
+    "no_tokens": (dict(tokens=np.zeros(0, np.int64)), "holds no tokens"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHARDS))
+def test_bad_shard_is_an_input_error_naming_the_file(tmp_path, case):
+    kw, words = BAD_SHARDS[case]
+    path = write_shard(tmp_path / "fineweb_train_000000.bin", **kw)
+    with pytest.raises(tg.InputError) as e:
+        tg.shard_tokens(str(path), 1024)
+    assert str(path) in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_missing_shard_file_is_an_input_error(tmp_path):
+    with pytest.raises(tg.InputError, match="cannot read"):
+        tg.shard_tokens(str(tmp_path / "nope.bin"), 1024)
+
+
+def test_empty_glob_is_an_input_error(tmp_path):
+    with pytest.raises(tg.InputError) as e:
+        tg.shard_files(str(tmp_path), "train")
+    assert str(tmp_path) in str(e.value) and "no train shards" in str(e.value)
+
+
+def test_check_shards_reports_the_bad_one(tmp_path):
+    good = write_shard(tmp_path / "fineweb_train_000000.bin", GOOD)
+    bad = write_shard(tmp_path / "fineweb_train_000001.bin", GOOD, magic=1)
+    tg.check_shards([str(good)], 1024, dist1())
+    with pytest.raises(tg.InputError) as e:
+        tg.check_shards([str(good), str(bad)], 1024, dist1())
+    assert str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("case,split", [("wrong_magic", "train"), ("id_out_of_vocab", "train"),
+                                        ("truncated_tokens", "val"), ("no_shards", "train"), ("no_shards", "val")])
+def test_cli_reports_bad_data_without_traceback(tmp_path, capsys, case, split):
+    data = tmp_path / "data"
+    other = "val" if split == "train" else "train"
+    write_shard(data / f"fineweb_{other}_000000.bin", GOOD)
+    bad = data / f"fineweb_{split}_000000.bin"
+    if case != "no_shards":
+        write_shard(bad, **BAD_SHARDS[case][0])
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--preset", "smoke", "--data-path", str(data), "--run-dir", str(tmp_path / "run"),
+                 "--tokenizer-path", str(TOKENIZER)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert (str(bad) if case != "no_shards" else f"no {split} shards") in err, err
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_cli_bad_resume_path(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    for ck, words in ((tmp_path / "missing.pt", "no such file"), (junk, "not a readable checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            tg.main(["--preset", "smoke", "--data-path", str(DATA), "--run-dir", str(tmp_path / "run"),
+                     "--resume", str(ck)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert str(ck) in err and words in err, err
+
+
+def test_build_config_bad_preset():
+    with pytest.raises(tg.InputError, match="unknown preset 'h200'.*h100, 3090, smoke"):
+        tg.build_config("h200", env={})
+
+
+@pytest.mark.parametrize("flags,words", [
+    ({"iterations": "many"}, "iterations='many' is not a valid int"),
+    ({"matrix_lr": "fast"}, "matrix_lr='fast' is not a valid float"),
+    ({"iterations": "nan"}, "is not a valid int"),
+    ({"num_heads": 3}, "MODEL_DIM must be a multiple of NUM_HEADS"),
+    ({"num_kv_heads": 3}, "NUM_HEADS must be a multiple of NUM_KV_HEADS"),
+    ({"rope_dims": 15}, "ROPE_DIMS"),
+    ({"ve_layers": "2,9"}, "VE_LAYERS"),
+    ({"train_batch_tokens": 4000}, "TRAIN_BATCH_TOKENS"),
+    ({"final_weights": "best"}, "FINAL_WEIGHTS"),
+    ({"compressor": "gzip"}, "COMPRESSOR"),
+    ({"embed_bits": 8}, "EMBED_BITS"),
+    ({"slot": "yes"}, "SLOT"),
+    ({"ttt_optimizer": "adam"}, "TTT_OPTIMIZER"),
+    ({"eval_stride": 0}, "EVAL_STRIDE"),
+    ({"eval_stride": 256}, "EVAL_STRIDE"),
+    ({"warmdown_iters": 31}, "WARMDOWN_ITERS"),
+    ({"iterations": 0, "warmdown_iters": 0}, "WARMDOWN_ITERS"),
+])
+def test_build_config_bad_flag_values(flags, words):
+    with pytest.raises(tg.InputError) as e:
+        tg.build_config("smoke", flags=flags, env={})
+    assert words in str(e.value), str(e.value)
+
+
+def test_build_config_env_names_the_variable():
+    with pytest.raises(tg.InputError, match="ITERATIONS='x'"):
+        tg.build_config("smoke", env={"ITERATIONS": "x"})
+
+
+def test_build_config_precedence_preset_env_flag():
+    assert tg.build_config("smoke", env={}).iterations == 30
+    assert tg.build_config("smoke", env={"ITERATIONS": "20"}).iterations == 20
+    assert tg.build_config("smoke", flags={"iterations": "25"}, env={"ITERATIONS": "20"}).iterations == 25
+    assert tg.build_config("smoke", flags={"iterations": "1e2", "warmdown_iters": 0}, env={}).iterations == 100
+    cfg = tg.build_config("h100", env={})
+    assert cfg.run_dir == "runs/h100_s1337" and cfg == tg.Config(run_dir="runs/h100_s1337")
+
+
+def _bug(reason, raises=None):
+    return pytest.mark.xfail(reason="BUG in train_gpt.py: " + reason, strict=True, raises=raises)
+
+
+@pytest.mark.parametrize("flags", [
+    pytest.param({"num_heads": 0}, marks=_bug("check_config: MODEL_DIM % NUM_HEADS raises ZeroDivisionError",
+                                              ZeroDivisionError)),
+    pytest.param({"num_kv_heads": 0}, marks=_bug("check_config: NUM_HEADS % NUM_KV_HEADS raises ZeroDivisionError",
+                                                 ZeroDivisionError)),
+    pytest.param({"train_seq_len": 0}, marks=_bug("check_config: TRAIN_BATCH_TOKENS % TRAIN_SEQ_LEN raises "
+                                                  "ZeroDivisionError", ZeroDivisionError)),
+    pytest.param({"ve_layers": "a"}, marks=_bug("check_config: ve_layer_ids int('a') raises ValueError",
+                                                ValueError)),
+    pytest.param({"iterations": "inf"}, marks=_bug("_parse_value: int(float('inf')) raises OverflowError, "
+                                                   "build_config only catches ValueError", OverflowError)),
+])
+def test_build_config_degenerate_values_are_input_errors(flags):
+    with pytest.raises(tg.InputError):
+        tg.build_config("smoke", flags=flags, env={})
+
+
+@pytest.mark.parametrize("mbs", [
+    pytest.param(0, marks=_bug("MICRO_BATCH_SEQS=0 raises ZeroDivisionError in TrainLoader", ZeroDivisionError)),
+    pytest.param(-16, marks=_bug("MICRO_BATCH_SEQS=-16 is accepted: grad_accum -2, every step trains on no data, "
+                                 "logs train_loss:nan, and the run still writes an artifact")),
+])
+def test_bad_micro_batch_is_an_input_error(tmp_path, mbs):
+    """A micro-batch that cannot split the batch must be refused before training starts."""
+    with pytest.raises(tg.InputError):
+        cfg = smoke_cfg(tmp_path, micro_batch_seqs=mbs)
+        tg.TrainLoader(cfg, dist1())
+
+
+def test_micro_batch_that_does_not_divide_is_an_input_error(tmp_path):
+    cfg = smoke_cfg(tmp_path, micro_batch_seqs=5)
+    with pytest.raises(tg.InputError, match="MICRO_BATCH_SEQS"):
+        tg.TrainLoader(cfg, dist1())
+
+
+# ---------------------------------------------------------------------------------------------------
+# loader
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_loader_batches_are_contiguous_and_shifted(tmp_path):
+    cfg = smoke_cfg(tmp_path)  # 32 seqs of 128 per step, micro-batches of 16 -> 2 accumulation steps
+    loader = tg.TrainLoader(cfg, dist1())
+    assert loader.accum == 2
+    stream = np.asarray(tg.shard_tokens(str(DATA / "fineweb_train_000000.bin"), 1024)).astype(np.int64)
+    for step in range(2):
+        batches = loader.next_step()
+        flat = torch.cat([x.reshape(-1) for x, _ in batches]).numpy()
+        base = step * 4096
+        assert np.array_equal(flat, stream[base:base + 4096])
+        for x, y in batches:
+            assert x.shape == y.shape == (16, 128)
+            assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_token_stream_wraps_across_shards(tmp_path):
+    a = write_shard(tmp_path / "a.bin", np.arange(10))
+    b = write_shard(tmp_path / "b.bin", np.arange(100, 105))
+    s = tg.TokenStream([str(a), str(b)], 1024)
+    assert s.read(8, 5).tolist() == [8, 9, 100, 101, 102]
+    s.advance(12)
+    assert s.state() == {"shard": 1, "pos": 2}
+    assert s.read(0, 6).tolist() == [102, 103, 104, 0, 1, 2]
+    s2 = tg.TokenStream([str(a), str(b)], 1024)
+    s2.load_state(s.state())
+    assert s2.read(1, 3).tolist() == s.read(1, 3).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# weight averaging
+# ---------------------------------------------------------------------------------------------------
+
+
+def _snapshot_steps(cfg):
+    model = tg.GPT(cfg)
+    avg, taken = tg.WeightAverage(model, cfg), []
+    for step in range(cfg.iterations):
+        before = avg.count
+        avg.update(model, step, tg.lr_scale(cfg, step, 0.0))
+        if avg.count > before:
+            taken.append(step)
+    return taken
+
+
+def test_swa_snapshots_come_from_the_warmdown(tmp_path):
+    cfg = smoke_cfg(tmp_path, iterations=30, warmup_steps=0)
+    # warm-down covers the last 10 of 30 steps; scale < 0.5 from step 26 on; every 2nd step
+    assert _snapshot_steps(cfg) == [27, 29]
+
+
+@_bug("WeightAverage uses lr_scale = warmup * warmdown, so SWA takes snapshots during the LR WARM-UP too "
+      "(smoke preset: a snapshot after step 2 of 30, of a barely trained model, is averaged into the final weights)")
+def test_swa_takes_no_snapshot_during_warmup(tmp_path):
+    cfg = smoke_cfg(tmp_path)  # warmup_steps=5, swa_start_scale=0.5, swa_every=2
+    taken = _snapshot_steps(cfg)
+    assert taken and min(taken) >= cfg.iterations - cfg.warmdown_iters, taken
+
+
+def test_weight_average_apply(tmp_path):
+    cfg = smoke_cfg(tmp_path, final_weights="ema", ema_decay=0.5)
+    model = tg.GPT(cfg)
+    w0 = model.tok_emb.weight.detach().clone()
+    avg = tg.WeightAverage(model, cfg)
+    with torch.no_grad():
+        model.tok_emb.weight.add_(1.0)
+    avg.update(model, 0, 1.0)
+    assert "final_weights:ema updates:1" == avg.apply(model)
+    torch.testing.assert_close(model.tok_emb.weight.detach(), w0 + 0.5)
+    live = smoke_cfg(tmp_path, final_weights="live")
+    assert tg.WeightAverage(tg.GPT(live), live).apply(model) == "final_weights:live"
+
+
+def test_lr_schedule_by_iterations(tmp_path):
+    cfg = smoke_cfg(tmp_path)  # 30 iterations, warm-up 5, warm-down 10
+    got = [tg.lr_scale(cfg, s, 0.0) for s in range(30)]
+    assert got[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert got[5:20] == [1.0] * 15
+    assert got[20:] == pytest.approx([(30 - s) / 10 for s in range(20, 30)])
+
+
+def test_lr_schedule_by_wallclock(tmp_path):
+    cfg = smoke_cfg(tmp_path, max_wallclock_seconds=100, warmup_steps=0)  # warm-down: last 10/30 of 100 s
+    assert tg.lr_scale(cfg, 1000, 0.0) == 1.0 and tg.lr_scale(cfg, 3, 60.0) == 1.0
+    assert tg.lr_scale(cfg, 3, 100 - 100 / 6) == pytest.approx(0.5)
+    assert tg.lr_scale(cfg, 3, 100.0) == 0.0
+
+
+def test_periodic_val_does_not_change_training(tmp_path, small_data):
+    flags = dict(data_path=str(small_data), iterations=4, warmdown_iters=2, log_every=1, save_every=0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    ma, _ = tg.train(smoke_cfg(a, **flags), dist1(), quiet_log(a / "train.log"))
+    mb, _ = tg.train(smoke_cfg(b, val_every=2, **flags), dist1(), quiet_log(b / "train.log"))
+    assert "step:2/4 val_loss:" in (b / "train.log").read_text()
+    assert "val_loss" not in (a / "train.log").read_text()
+    sa, sb = ma.state_dict(), mb.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("final_weights", ["swa", "ema"])
+def test_resume_is_bit_exact(tmp_path, final_weights):
+    flags = dict(iterations=6, warmdown_iters=3, save_every=3, final_weights=final_weights, log_every=1)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    tg.train(smoke_cfg(straight, **flags), dist1(), quiet_log(straight / "train.log"))
+    ck = straight / "ckpt_step000003.pt"
+    assert ck.exists() and (straight / "ckpt_step000006.pt").exists()
+    _, info = tg.train(smoke_cfg(resumed, **flags), dist1(), quiet_log(resumed / "train.log"), resume=str(ck))
+    assert info["steps"] == 6
+    a = torch.load(straight / "model.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff
+    la, lb = parse_steps((straight / "train.log").read_text()), parse_steps((resumed / "train.log").read_text())
+    assert sorted(lb) == [4, 5, 6] and all(la[s] == lb[s] for s in lb)
+    assert "resumed:" in (resumed / "train.log").read_text()
+    fw = [[ln for ln in (r / "train.log").read_text().splitlines() if ln.startswith("final_weights:")]
+          for r in (straight, resumed)]
+    assert fw[0] == fw[1] and len(fw[0]) == 1 and "live" not in fw[0][0]  # the average state was resumed too
+    # and the weights really moved between step 3 and 6 (the comparison is not of two copies of the ckpt)
+    c = torch.load(ck, weights_only=True)["model"]
+    assert any(not torch.equal(c[k], a[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributed: torchrun --nproc_per_node=2 (gloo) == 1 process with the same global batch
+# ---------------------------------------------------------------------------------------------------
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+SCRIPT = str(ROOT / "train_gpt.py")
+
+
+def _run(cmd, log_path, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{cmd}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}"
+    return log_path.read_text()
+
+
+def _common(small_data):
+    """Same global batch (32 x 128 tokens): 1 process x 2 micro-batches of 16, or 2 ranks x 1 micro-batch."""
+    return ["--preset", "smoke", "--data-path", str(small_data), "--tokenizer-path", str(TOKENIZER),
+            "--train-batch-tokens", "4096", "--train-seq-len", "128", "--micro-batch-seqs", "16",
+            "--iterations", "4", "--warmdown-iters", "2", "--log-every", "1", "--save-every", "2",
+            "--eval-seq-len", "128", "--eval-stride", "128", "--slot", "causal", "--slot-steps", "2", "--ttt", "0"]
+
+
+@pytest.fixture(scope="module")
+def single_run(small_data, tmp_path_factory):
+    """The full pipeline in one process (train, raw eval, artifact, sliding + causal SLOT eval)."""
+    one = tmp_path_factory.mktemp("one")
+    log = _run([sys.executable, SCRIPT, *_common(small_data), "--run-dir", str(one),
+                "--save-nll", str(one / "nll.npy")], one / "train.log")
+    return one, log
+
+
+def test_torchrun_two_ranks_match_single_process(tmp_path, small_data, single_run):
+    """The full pipeline on 2 gloo ranks: same losses, same weights, same eval metrics and NLLs."""
+    one, log1 = single_run
+    two = tmp_path / "two"
+    log2 = _run([*TORCHRUN, SCRIPT, *_common(small_data), "--run-dir", str(two), "--save-nll", str(two / "nll.npy")],
+                two / "train.log")
+
+    assert "world_size:1" in log1 and "grad_accum:2" in log1
+    assert "world_size:2" in log2 and "grad_accum:1" in log2 and "ranks_agree:2 step:4" in log2
+    s1, s2 = parse_steps(log1), parse_steps(log2)
+    assert sorted(s1) == sorted(s2) == [1, 2, 3, 4]
+    for s in s1:
+        assert abs(s1[s] - s2[s]) < 1e-3, (s, s1[s], s2[s])
+    assert s1[4] < s1[1]  # it trained
+
+    a = torch.load(one / "model.pt", weights_only=True)["model"]
+    b = torch.load(two / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+
+    # distributed evaluation: same metric in every mode; gathered NLLs come back in stream order
+    j1, j2 = (json.loads((r / "submission.json").read_text()) for r in (one, two))
+    assert set(j1["eval_modes"]) == set(j2["eval_modes"]) == {"roundtrip", "sliding", "slot_causal"}
+    for m in j1["eval_modes"]:
+        for key in ("val_loss", "val_bpb"):
+            assert abs(j1["eval_modes"][m][key] - j2["eval_modes"][m][key]) < 1e-4, (m, key)
+    assert j1["score_mode"] == j2["score_mode"] == "slot_causal" and j2["hardware"].startswith("2x")
+    assert j1["record_legal"] and j2["record_legal"]
+    n1, n2 = np.load(one / "nll.npy"), np.load(two / "nll.npy")
+    assert n1.dtype == n2.dtype == np.float64 and len(n1) == len(n2) == 8192
+    np.testing.assert_allclose(n1, n2, atol=1e-4)
+    assert abs(n2.mean() - j2["eval_modes"]["slot_causal"]["val_loss"]) < 1e-9
+
+
+def test_torchrun_resumes_a_single_process_checkpoint(tmp_path, small_data, single_run):
+    """Checkpoints are world-size independent: resume step 2 of the 1-process run on 2 ranks."""
+    one, _ = single_run
+    res = tmp_path / "resumed"
+    log = _run([*TORCHRUN, SCRIPT, *_common(small_data), "--run-dir", str(res), "--slot", "off",
+                "--resume", str(one / "ckpt_step000002.pt")], res / "train.log")
+    assert "resumed:" in log and sorted(parse_steps(log)) == [3, 4] and "ranks_agree:2 step:4" in log
+    a = torch.load(one / "model.pt", weights_only=True)["model"]
+    c = torch.load(res / "model.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], atol=1e-4, rtol=0, msg=k)
+
+
+@_bug("eval_ttt on >1 rank: each rank scores a slice of EVERY chunk, so its NLLs are not one contiguous run of "
+      "targets, but reduce_score counts bytes as val.bytes[t_lo:t_lo+len(nll)] (wrong val_bpb: 3.6675 on 2 ranks "
+      "vs 3.7212 on 1, same val_loss) and --save-nll concatenates per-rank parts sorted by t_lo (targets out of "
+      "stream order)", AssertionError)
+def test_torchrun_ttt_matches_single_process(tmp_path, small_data, single_run, capsys):
+    one, _ = single_run
+    flags = ["--preset", "smoke", "--data-path", str(small_data), "--tokenizer-path", str(TOKENIZER),
+             "--eval-only", str(one / "model.hqa"), "--eval-stride", "128", "--slot", "off", "--ttt", "1",
+             "--ttt-chunk-tokens", "2048", "--ttt-lr", "0.01"]
+    e1, e2 = tmp_path / "e1", tmp_path / "e2"
+    tg.main([*flags, "--run-dir", str(e1), "--save-nll", str(e1 / "nll.npy")])
+    log2 = _run([*TORCHRUN, SCRIPT, *flags, "--run-dir", str(e2), "--save-nll", str(e2 / "nll.npy")], e2 / "eval.log")
+    log1 = (e1 / "eval.log").read_text()
+    assert "ttt: chunks:4" in log1 and "ttt: chunks:4" in log2
+
+    def final(log):
+        line = next(ln for ln in log.splitlines() if ln.startswith("final_ttt "))
+        return {k: float(v) for k, v in (kv.split(":") for kv in line.split()[1:3])}
+    r1, r2 = final(log1), final(log2)
+    assert abs(r1["val_loss"] - r2["val_loss"]) < 1e-4
+    n1, n2 = np.load(e1 / "nll.npy"), np.load(e2 / "nll.npy")
+    assert abs(r1["val_bpb"] - r2["val_bpb"]) < 1e-4, (r1, r2)
+    np.testing.assert_allclose(n1, n2, atol=1e-4)
