@@ -1355,6 +1355,7 @@ def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline:
     chunk is scored under inference_mode, then trained on -- only its own, already scored targets -- and
     only then is the next chunk scored. Scoring is split across ranks; gradients are averaged."""
     t0 = time.perf_counter()
+    model = copy.deepcopy(model)  # adapt a private copy: later phases must never see val-trained weights
     sc = Scorer(model, val, cfg, d, cfg.eval_seq_len, cfg.eval_stride)
     L, ends = int(sc.ends[0]), sc.ends
     starts = np.concatenate(([0], ends[:-1]))
@@ -1402,9 +1403,6 @@ def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline:
                 loss.backward()
             ttt_update(params, sgd, lr, cfg, d)
         t_train += time.perf_counter() - ts
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
     t_lo = min((t for t, _ in parts), default=0)
     nll = np.concatenate([n for _, n in sorted(parts, key=lambda p: p[0])]) if parts else np.zeros(0)
     log(f"ttt: score_time:{t_score:.1f}s train_time:{t_train:.1f}s")
