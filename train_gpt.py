@@ -1177,7 +1177,7 @@ class ValData:
         base, space, boundary = byte_luts(cfg.tokenizer_path, cfg.vocab_size)
         x, y = self.tokens[:-1].astype(np.int64), self.tokens[1:].astype(np.int64)
         self.bytes = base[y] + (space[y] & ~boundary[x])
-        self.n = len(y)
+        self.n, self.mean_bytes = len(y), float(self.bytes.mean())
 
 
 def window_ends(n_targets: int, seq_len: int, stride: int) -> np.ndarray:
@@ -1299,26 +1299,42 @@ class Progress:
             return
         self.next = math.floor(done / self.total * 10 + 1) / 10
         n = sum(len(p) for p in parts)
-        nll, nbytes = sum(float(p.sum()) for p in parts), float(self.val.bytes[self.t_lo:self.t_lo + n].sum())
+        nll = sum(float(p.sum()) for p in parts)
+        # rank 0 scores a contiguous block (sliding, SLOT) or the first slice of each chunk (TTT); the bytes
+        # per target average ~2.4 either way, so TTT's running bpb uses the stream's mean bytes per target
+        nbytes = float(self.val.bytes[self.t_lo:self.t_lo + n].sum()) if self.t_lo is not None else n * self.val.mean_bytes
         dt = time.perf_counter() - self.t0
         self.log(f"eval:{self.name} {100 * done / self.total:.0f}% tokens/s:{n / max(dt, 1e-9):.0f} "
                  f"running_bpb:{nll / math.log(2) / max(nbytes, 1):.6f} eta:{dt * (self.total - done) / max(done, 1):.0f}s")
 
 
-def reduce_score(nll: np.ndarray, t_lo: int, val: ValData, d: Dist, name: str, t0: float, log: Log,
+def reduce_score(segments: list, val: ValData, d: Dist, name: str, t0: float, log: Log,
                  save_nll: str | None = None) -> dict:
-    """Exact metric (rules §2.5): float64 sums over every rank's targets; optionally the per-target NLLs."""
-    sums = torch.tensor([nll.sum(), float(val.bytes[t_lo:t_lo + len(nll)].sum()), len(nll)], dtype=torch.float64)
+    """Exact metric (rules §2.5) from every rank's scored segments [(first target, NLLs), ...]: float64 sums
+    over ranks, and a check that the segments of all ranks tile the val stream exactly once (C4)."""
+    spans = [(t, len(n)) for t, n in segments]
+    sums = torch.tensor([sum(float(n.sum()) for _, n in segments), sum(float(val.bytes[t:t + len(n)].sum()) for t, n in segments),
+                         sum(len(n) for _, n in segments)], dtype=torch.float64)
     sums = d.all_reduce(sums.to(d.device)).cpu()
-    if int(sums[2]) != val.n:
+    if d.world > 1:
+        gathered = [None] * d.world
+        dist.all_gather_object(gathered, spans)
+        spans = [sp for g in gathered for sp in g]
+    pos = 0
+    for t, k in sorted(spans):
+        if t != pos:
+            raise RuntimeError(f"{name}: targets {min(t, pos)}..{max(t, pos)} scored {'twice' if t < pos else 'never'}")
+        pos += k
+    if pos != val.n or int(sums[2]) != val.n:
         raise RuntimeError(f"{name}: scored {int(sums[2])} targets, val stream has {val.n}")
     if save_nll:
-        parts = [(t_lo, nll)]
+        parts = segments
         if d.world > 1:
-            parts = [None] * d.world
-            dist.all_gather_object(parts, (t_lo, nll))
+            gathered = [None] * d.world
+            dist.all_gather_object(gathered, segments)
+            parts = [p for g in gathered for p in g]
         if d.main:
-            full = np.concatenate([p for _, p in sorted(parts, key=lambda p: p[0])])
+            full = np.concatenate([n for _, n in sorted(parts, key=lambda p: p[0])])
             tmp = f"{save_nll}.tmp{os.getpid()}.npy"
             np.save(tmp, full)
             os.replace(tmp, save_nll)
@@ -1346,7 +1362,7 @@ def evaluate(model: GPT, val: ValData, cfg: Config, d: Dist, stride: int, name: 
         sums = d.all_reduce(torch.tensor([nll.sum(), float(val.bytes[t_lo:t_lo + len(nll)].sum()), len(nll)],
                                          dtype=torch.float64, device=d.device)).cpu()
         return {"val_loss": float(sums[0] / sums[2]), "val_bpb": float(sums[0] / (math.log(2) * sums[1]))}
-    return reduce_score(nll, t_lo, val, d, name, t0, log, save_nll)
+    return reduce_score([(t_lo, nll)], val, d, name, t0, log, save_nll)
 
 
 def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline: float,
@@ -1371,6 +1387,7 @@ def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline:
     log(f"ttt: chunks:{len(chunks)} chunk_tokens:{cfg.ttt_chunk_tokens} optimizer:{cfg.ttt_optimizer} lr:{cfg.ttt_lr} "
         f"epochs:{cfg.ttt_epochs} trainable_params:{sum(p.numel() for p in params)} frozen_blocks:{cfg.ttt_freeze_blocks}")
     parts, t_score, t_train, adapting = [], 0.0, 0.0, True
+    prog = Progress("ttt", len(chunks), val, None, log)
     for c, ks in enumerate(chunks):
         ts = time.perf_counter()
         lo, hi = ks[0] + len(ks) * d.rank // d.world, ks[0] + len(ks) * (d.rank + 1) // d.world
@@ -1378,6 +1395,7 @@ def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline:
         if hi > lo:
             parts.append((sc.target_range(lo, hi)[0], sc.score(lo, hi)))
         t_score += time.perf_counter() - ts
+        prog(c + 1, [n for _, n in parts])
         if c == len(chunks) - 1 or not adapting:
             continue
         # Adapt only if the rest still fits the budget: remaining scoring + this chunk's training.
@@ -1403,10 +1421,8 @@ def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline:
                 loss.backward()
             ttt_update(params, sgd, lr, cfg, d)
         t_train += time.perf_counter() - ts
-    t_lo = min((t for t, _ in parts), default=0)
-    nll = np.concatenate([n for _, n in sorted(parts, key=lambda p: p[0])]) if parts else np.zeros(0)
     log(f"ttt: score_time:{t_score:.1f}s train_time:{t_train:.1f}s")
-    return reduce_score(nll, t_lo, val, d, "ttt", t0, log, save_nll)
+    return reduce_score(parts, val, d, "ttt", t0, log, save_nll)
 
 
 @torch.no_grad()
