@@ -70,11 +70,37 @@ def profile(data_path):
         step(3)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    cats = {"matmul": 0.0, "attention": 0.0, "triton fused": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        t = e.self_device_time_total / 1000 if hasattr(e, "self_device_time_total") else e.self_cuda_time_total / 1000
+        if t <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:  # kernels only (ops repeat their time)
+            continue
+        k = e.key.lower()
+        cat = ("attention" if any(w in k for w in ("sdpa", "attention", "flash", "fmha", "cudnn")) else
+               "matmul" if any(w in k for w in ("nvjet", "gemm", "cutlass", "sm90_xmma")) else
+               "triton fused" if k.startswith("triton") else "other")
+        cats[cat] += t
+    total = sum(cats.values())
+    print("GPU kernel time of one step by category (ms):", {k: round(v, 1) for k, v in cats.items()}, f"total {total:.1f}")
+    t = time.perf_counter()
+    for x, y in loader.next_step():
+        with tg.autocast(d):
+            loss = fwd(x, y)
+        (loss / loader.accum).backward()
+    torch.cuda.synchronize()
+    t_fb = time.perf_counter() - t
+    t = time.perf_counter()
+    opt.step(5, 1.0)
+    opt.zero_grad()
+    torch.cuda.synchronize()
+    print(f"step split: forward+backward {t_fb * 1000:.1f} ms, optimizer (Muon+Adam) {(time.perf_counter() - t) * 1000:.1f} ms")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-path", default=".proxy")
+    ap.add_argument("--skip-attention", action="store_true")
     a = ap.parse_args()
-    attention_variants()
+    if not a.skip_attention:
+        attention_variants()
     profile(a.data_path)
