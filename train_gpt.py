@@ -150,7 +150,7 @@ def build_config(preset: str, flags: dict | None = None, env: dict | None = None
             if source.get(key) is not None:
                 try:
                     setattr(cfg, f.name, _parse_value(str(source[key]), kind))
-                except ValueError:
+                except (ValueError, OverflowError):
                     raise InputError(f"{key}={source[key]!r} is not a valid {kind.__name__}") from None
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{preset}_s{cfg.seed}"
@@ -162,6 +162,15 @@ def check_config(cfg: Config) -> None:
     def need(ok: bool, msg: str):
         if not ok:
             raise InputError(msg)
+    for k in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "bigram_dim", "ve_dim",
+              "train_batch_tokens", "train_seq_len", "micro_batch_seqs", "iterations", "muon_backend_steps",
+              "eval_seq_len", "eval_batch_seqs", "ttt_chunk_tokens"):
+        need(getattr(cfg, k) > 0, f"{k.upper()} must be positive (got {getattr(cfg, k)})")
+    need(cfg.bigram_vocab >= 2, "BIGRAM_VOCAB must be at least 2")
+    try:
+        ve_layer_ids(cfg)
+    except ValueError:
+        raise InputError(f"VE_LAYERS {cfg.ve_layers!r} is not a comma-separated list of layer numbers") from None
     need(cfg.model_dim % cfg.num_heads == 0, "MODEL_DIM must be a multiple of NUM_HEADS")
     need(cfg.num_heads % cfg.num_kv_heads == 0, "NUM_HEADS must be a multiple of NUM_KV_HEADS")
     need(cfg.rope_dims % 2 == 0 and cfg.rope_dims <= cfg.model_dim // cfg.num_heads, "ROPE_DIMS must be even and <= head dim")
@@ -785,7 +794,8 @@ class WeightAverage:
             for a, p in zip(self.acc, model.parameters()):
                 a.lerp_(p.float(), 1 - c.ema_decay)
             self.count += 1
-        elif c.final_weights == "swa" and c.swa_every > 0 and scale < c.swa_start_scale and (step + 1) % c.swa_every == 0:
+        elif (c.final_weights == "swa" and c.swa_every > 0 and step >= c.warmup_steps  # a warm-down, not warm-up, low
+              and scale < c.swa_start_scale and (step + 1) % c.swa_every == 0):
             if self.acc is None:
                 self.acc = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
             for a, p in zip(self.acc, model.parameters()):
@@ -1348,14 +1358,14 @@ def reduce_score(segments: list, val: ValData, d: Dist, name: str, t0: float, lo
 def evaluate(model: GPT, val: ValData, cfg: Config, d: Dist, stride: int, name: str = "", slot: str = "off",
              log: Log | None = None, save_nll: str | None = None, deadline: float = math.inf) -> dict:
     """One pass over the val stream, windows split across ranks in contiguous blocks."""
-    t0 = time.perf_counter()
+    t0, log = time.perf_counter(), log or (lambda msg: None)
     sc = Scorer(model, val, cfg, d, cfg.eval_seq_len, stride, slot, deadline, log)
     nw = len(sc.ends)
     k_lo, k_hi = nw * d.rank // d.world, nw * (d.rank + 1) // d.world
     t_lo, _ = sc.target_range(k_lo, k_hi) if k_hi > k_lo else (0, 0)
     was_training = model.training
     model.eval()
-    prog = Progress(name, k_hi - k_lo, val, t_lo, log) if log else None
+    prog = Progress(name, k_hi - k_lo, val, t_lo, log) if name else None
     nll = sc.score(k_lo, k_hi, prog) if k_hi > k_lo else np.zeros(0)
     model.train(was_training)
     if not name:

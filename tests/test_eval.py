@@ -5,6 +5,7 @@ normalized distribution over the vocabulary), C4 (every target scored exactly on
 Legality is tested by perturbation: change the token at position t and compare the per-target NLL arrays
 written by save_nll. Target j predicts token j+1 from tokens <= j, so targets j < t-1 must not move."""
 import copy
+import json
 import math
 import time
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from conftest import TOKENIZER, dist1, quiet_log, randomize, smoke_cfg, tg, val_tokens
+from conftest import TOKENIZER, dist1, quiet_log, randomize, smoke_cfg, tg, val_tokens, write_shard
 
 SLOT = {"sliding": "off", "slot_causal": "causal", "slot_reference": "reference"}
 
@@ -347,3 +348,168 @@ def test_legal_modes_score_a_normalized_distribution(small_vocab, mode):
 def test_reference_slot_is_not_a_distribution(small_vocab):
     p = c2_probs(small_vocab, "slot_reference")
     assert p.sum() > 1.0 + 1e-3, p.sum()  # each candidate label pulls probability towards itself
+
+
+# ---------------------------------------------------------------------------------------------------
+# SLOT against an autograd reference, side effects, and the whole final_eval pipeline
+# ---------------------------------------------------------------------------------------------------
+
+
+def slot_by_autograd(model, tokens, cfg, shared):
+    """Spec SLOT, written plainly: per batch of windows, a hidden offset fitted by torch AdamW (betas 0.9/0.999,
+    eps 1e-5, wd 1e-8, cosine lr) on the context positions (causal: one delta per window) or on the scored
+    positions (reference: one delta per batch); then the scored targets are scored with it."""
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    tokens = np.asarray(tokens, dtype=np.uint16)
+    ends = tg.window_ends(len(tokens) - 1, cfg.eval_seq_len, cfg.eval_stride)
+    val, out = SimpleNamespace(tokens=tokens), []
+    for b in range(0, len(ends), cfg.eval_batch_seqs):
+        ks = np.arange(b, min(b + cfg.eval_batch_seqs, len(ends)))
+        x, y, scored = tg.window_batch(val, ends, ks, dist1())
+        with torch.no_grad():
+            h = model.hidden(x).float()
+        fit = (scored if shared else ~scored).float()
+        w = fit / fit.sum().clamp_min(1) if shared else fit / fit.sum(1, keepdim=True).clamp_min(1)
+        delta = torch.zeros(1 if shared else len(ks), 1, h.size(-1), requires_grad=True)
+        opt = torch.optim.AdamW([delta], lr=cfg.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
+        for k in range(cfg.slot_steps):
+            opt.param_groups[0]["lr"] = cfg.slot_lr_min + 0.5 * (cfg.slot_lr - cfg.slot_lr_min) * (
+                1 + math.cos(math.pi * k / cfg.slot_steps))
+            logits = model.logits(h + delta)
+            ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape)
+            opt.zero_grad()
+            (ce * w).sum().backward()
+            opt.step()
+        with torch.no_grad():
+            logits = model.logits(h + delta)
+            nll = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape)
+        out.append(nll[scored].double().numpy())
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("mode", ["slot_causal", "slot_reference"])
+def test_slot_matches_an_autograd_reference(tmp_path, trained_model, mode):
+    cfg = smoke_cfg(tmp_path, eval_seq_len=64, eval_stride=16, eval_batch_seqs=5, slot_steps=4, slot_lr=0.1)
+    tokens = val_tokens(700)  # 41 windows: the last batch is a partial one
+    _, nll = run_mode(mode, trained_model, cfg, tokens, tmp_path / "nll.npy")
+    ref = slot_by_autograd(trained_model, tokens, cfg, shared=mode == "slot_reference")
+    np.testing.assert_allclose(nll, ref, rtol=0, atol=2e-4)
+    _, plain = run_mode("sliding", trained_model, cfg, tokens, tmp_path / "plain.npy")
+    assert np.abs(ref - plain).max() > 1e-2  # SLOT does something
+
+
+@pytest.mark.parametrize("slot", ["off", "causal", "reference"])
+def test_evaluate_has_no_side_effects_on_the_model(tmp_path, trained_model, slot):
+    cfg = smoke_cfg(tmp_path, eval_seq_len=64, eval_stride=32, slot_steps=2)
+    before = {k: v.clone() for k, v in trained_model.state_dict().items()}
+    trained_model.train()
+    tg.evaluate(trained_model, tg.ValData(cfg, tokens=val_tokens(400)), cfg, dist1(), 32, name="sliding",
+                slot=slot, log=quiet_log())
+    assert trained_model.training  # mode restored
+    assert all(p.grad is None for p in trained_model.parameters())  # nothing for a later TTT to pick up
+    assert all(torch.equal(v, before[k]) for k, v in trained_model.state_dict().items())
+
+
+def test_evaluate_named_without_log(tmp_path, trained_model):
+    """log is optional (regression: a named evaluate() without a log crashed in reduce_score)."""
+    cfg = smoke_cfg(tmp_path, eval_seq_len=64, eval_stride=32)
+    r = tg.evaluate(trained_model, tg.ValData(cfg, tokens=val_tokens(200)), cfg, dist1(), 32, name="sliding")
+    assert r["targets"] == 199
+
+
+def _val_dir(path, tokens):
+    write_shard(path / "fineweb_val_000000.bin", tokens)
+    return path
+
+
+PIPE_T = 1490  # inside TTT chunk 2 of 6: the adapted weights depend on it from chunk 3 on
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(trained, tmp_path_factory):
+    """final_eval (roundtrip, sliding, TTT, causal SLOT on the same model object, as main runs them) on the val
+    stream and on a copy with token PIPE_T changed; every mode's per-target NLLs are captured."""
+    run = tmp_path_factory.mktemp("pipeline")
+    tokens = val_tokens(3001)
+    flags = dict(eval_seq_len=L, eval_stride=STRIDE, eval_batch_seqs=BATCH, slot="causal", slot_steps=3, ttt=1,
+                 ttt_chunk_tokens=CHUNK, ttt_epochs=1, ttt_lr=0.05)
+    out = {}
+    for name, toks in (("a", tokens), ("b", perturb(tokens, PIPE_T, 1024))):
+        real = tg.evaluate
+
+        def capture(*args, **kw):  # give every named evaluate() call its own save_nll file
+            mode = args[5] if len(args) > 5 else kw.get("name", "")
+            if mode:
+                kw["save_nll"] = str(run / f"{name}_{mode}.npy")
+            return real(*args, **kw)
+        cfg = smoke_cfg(run / f"run_{name}", data_path=str(_val_dir(run / f"data_{name}", toks)), **flags)
+        model = copy.deepcopy(trained["model"])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tg, "evaluate", capture)
+            ev = tg.final_eval(model, cfg, dist1(), quiet_log(), str(run / f"{name}_ttt.npy"))
+        out[name] = {"ev": ev, "nll": {m: np.load(run / f"{name}_{m}.npy") for m in ev["modes"]}}
+    return out
+
+
+def test_final_eval_runs_every_mode(pipeline_runs):
+    ev = pipeline_runs["a"]["ev"]
+    assert set(ev["modes"]) == {"roundtrip", "sliding", "slot_causal", "ttt"} and ev["primary"] == "ttt"
+    assert all(r["targets"] == 3000 and r["legal"] for r in ev["modes"].values())
+    for m, nll in pipeline_runs["a"]["nll"].items():
+        assert len(nll) == 3000 and nll.mean() == pytest.approx(ev["modes"][m]["val_loss"], rel=1e-12), m
+
+
+@pytest.mark.parametrize("mode", ["roundtrip", "sliding", "ttt", "slot_causal"])
+def test_final_eval_pipeline_is_legal(pipeline_runs, mode):
+    """Nothing one mode leaves behind (gradients, adapted weights) may carry future tokens into another's scores."""
+    a, b, t = pipeline_runs["a"]["nll"][mode], pipeline_runs["b"]["nll"][mode], PIPE_T
+    assert np.array_equal(a[:t - 1], b[:t - 1]), (mode, np.abs(a[:t - 1] - b[:t - 1]).max())
+    assert a[t - 1] != b[t - 1]
+
+
+def test_eval_ttt_leaves_the_callers_model_alone(tmp_path, trained_model):
+    cfg = smoke_cfg(tmp_path, eval_seq_len=64, eval_stride=32, ttt_chunk_tokens=128, ttt_lr=0.05)
+    before = {k: v.clone() for k, v in trained_model.state_dict().items()}
+    tg.eval_ttt(trained_model, tg.ValData(cfg, tokens=val_tokens(600)), cfg, dist1(), quiet_log(),
+                deadline=time.perf_counter() + 600)
+    assert all(torch.equal(v, before[k]) for k, v in trained_model.state_dict().items())
+    assert all(p.grad is None and p.requires_grad for p in trained_model.parameters())
+
+
+def test_slot_stops_adapting_at_the_deadline(tmp_path, trained_model):
+    """Past the budget SLOT keeps scoring (C4) but without adapting: those windows score as plain sliding."""
+    cfg = smoke_cfg(tmp_path, eval_seq_len=64, eval_stride=16, eval_batch_seqs=4, slot_steps=3)
+    tokens = val_tokens(800)
+    val = tg.ValData(cfg, tokens=tokens)
+    log = quiet_log(tmp_path / "log")
+    r = tg.evaluate(trained_model, val, cfg, dist1(), 16, name="slot_causal", slot="causal", log=log,
+                    save_nll=str(tmp_path / "late.npy"), deadline=time.perf_counter() - 1)
+    assert r["targets"] == val.n
+    assert "SLOT stops adapting at window 4/" in (tmp_path / "log").read_text()
+    _, plain = run_mode("sliding", trained_model, cfg, tokens, tmp_path / "plain.npy")
+    _, slot = run_mode("slot_causal", trained_model, cfg, tokens, tmp_path / "slot.npy")
+    late, ends = np.load(tmp_path / "late.npy"), tg.window_ends(val.n, 64, 16)
+    first_batch = int(ends[3])  # targets of windows 0..3, the batch that adapted
+    np.testing.assert_allclose(late[:first_batch], slot[:first_batch], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(late[first_batch:], plain[first_batch:], rtol=0, atol=1e-6)
+    assert np.abs(slot[first_batch:] - plain[first_batch:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("slot,ttt,primary,legal", [
+    ("reference", 0, "sliding", False), ("causal", 0, "slot_causal", True), ("causal", 1, "ttt", True),
+    ("off", 1, "ttt", True), ("off", 0, "sliding", True)])
+def test_submission_score_mode_and_legality(tmp_path, trained_model, slot, ttt, primary, legal):
+    data = _val_dir(tmp_path / "data", val_tokens(1025))
+    cfg = smoke_cfg(tmp_path / "run", data_path=str(data), eval_seq_len=64, eval_stride=32, slot=slot, slot_steps=2,
+                    ttt=ttt, ttt_chunk_tokens=256)
+    d = dist1()
+    ev = tg.final_eval(trained_model, cfg, d, quiet_log(), None)
+    assert ev["primary"] == primary
+    art = {"bytes_total": 3, "bytes_code": 1, "bytes_model": 2}
+    tg.write_submission(cfg, d, ev, art, {"steps": 12, "train_time": 1.0}, quiet_log())
+    sub = json.loads((tmp_path / "run" / "submission.json").read_text())
+    assert sub["score_mode"] == primary and sub["record_legal"] is legal
+    assert sub["val_bpb"] == ev["modes"][primary]["val_bpb"]
+    assert ("compliance_note" in sub) is (not legal)
+    if slot == "reference":
+        assert sub["eval_modes"]["slot_reference"]["record_legal"] is False
