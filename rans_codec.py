@@ -4,7 +4,7 @@ API
     encode(symbols, alphabet, lanes=None) -> bytes
     decode(data) -> np.ndarray                      # 1-D uint8; caller reshapes
     encode_many([(symbols, alphabet), ...], lanes=None) -> bytes
-    decode_many(data) -> list[np.ndarray]           # one 1-D uint8 array per input
+    decode_many(data, max_symbols=MAX_SYMBOLS) -> list[np.ndarray]   # one 1-D uint8 array per input
     normalize_freqs(counts) -> np.ndarray           # int64 freqs summing to M
     RansError(ValueError)
 
@@ -276,8 +276,9 @@ def decode(data) -> np.ndarray:
     return out[0]
 
 
-def decode_many(data) -> list[np.ndarray]:
-    """Decode every array of a stream made by encode_many, in order."""
+def decode_many(data, max_symbols: int = MAX_SYMBOLS) -> list[np.ndarray]:
+    """Decode every array of a stream made by encode_many, in order. A caller that knows how many symbols
+    to expect passes max_symbols, so a crafted stream cannot make it allocate more."""
     try:
         buf = memoryview(data).cast("B")
     except TypeError:
@@ -307,8 +308,8 @@ def decode_many(data) -> list[np.ndarray]:
         if (cnt > 0) != (k > 0) or (cnt > 0 and f.sum() != M):
             raise RansError("inconsistent frequency table")
         total += cnt
-        if total > MAX_SYMBOLS:
-            raise RansError("too many symbols")
+        if total > min(max_symbols, MAX_SYMBOLS):
+            raise RansError(f"too many symbols (more than {min(max_symbols, MAX_SYMBOLS)})")
         arrays.append((cnt, f))
     # constant arrays (f == M) were not coded: their table says everything
     n_coded = sum(cnt for cnt, f in arrays if 0 < f.max() < M)

@@ -136,7 +136,12 @@ class InputError(Exception):
 
 
 def _parse_value(text: str, kind: type):
-    return kind(float(text)) if kind is int else kind(text)
+    if kind is not int:
+        return kind(text)
+    v = float(text)  # accepts 1e5; refuses 1.5
+    if v != int(v):
+        raise ValueError(text)
+    return int(v)
 
 
 def build_config(preset: str, flags: dict | None = None, env: dict | None = None) -> Config:
@@ -1077,7 +1082,10 @@ def parse_artifact(data: bytes, path: str) -> tuple[Config, dict[str, torch.Tens
         for k in MODEL_FIELDS:
             setattr(cfg, k, type(getattr(cfg, k))(mc[k]))
         check_config(cfg)
-        streams = rans_codec.decode_many(blob[header["rans_offset"]:header["rans_offset"] + header["rans_bytes"]])
+        expected = sum(math.prod(int(x) for x in t["shape"]) for t in header["tensors"] if "alphabet" in t)
+        if expected > MAX_PAYLOAD:
+            raise ValueError(f"header lists {expected} quantized weights")
+        streams = rans_codec.decode_many(blob[header["rans_offset"]:header["rans_offset"] + header["rans_bytes"]], expected)
         sd, si = {}, 0
         for t in header["tensors"]:
             shape = [int(s) for s in t["shape"]]
@@ -1104,11 +1112,12 @@ def load_artifact(path: str, device) -> tuple[GPT, Config]:
     except OSError as e:
         raise InputError(f"{path}: cannot read artifact ({e.strerror})") from None
     mcfg, sd = parse_artifact(data, path)
+    with torch.device("meta"):  # compare shapes before allocating what a forged config might ask for
+        shapes = {k: tuple(v.shape) for k, v in GPT(mcfg).state_dict().items()}
+    if shapes != {k: tuple(v.shape) for k, v in sd.items()}:
+        raise InputError(f"{path}: tensors do not fit the model its config describes")
     model = GPT(mcfg)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise InputError(f"{path}: tensors do not fit the model its config describes ({e})") from None
+    model.load_state_dict(sd, strict=True)
     model.set_quantized(False)  # the weights already are the dequantized values
     return model.to(device), mcfg
 
@@ -1550,6 +1559,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     finally:
         if d is not None and d.world > 1 and dist.is_initialized():
+            dist.barrier()  # no rank tears down gloo/NCCL while another is still in a collective
             dist.destroy_process_group()
 
 

@@ -279,3 +279,8 @@ def test_forged_round_trip_helper_is_faithful(artifact):
     cfg, sd = tg.parse_artifact(_forge(artifact["payload"], lambda h: None), "x")
     _, ref = tg.parse_artifact(artifact["payload"], "y")
     assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_forged_huge_config_is_refused_before_allocating(artifact, tmp_path):
+    """A header asking for a 10**9-token vocabulary must be refused on shapes, not by running out of memory."""
+    _refused(_forge(artifact["payload"], lambda h: h["config"].__setitem__("vocab_size", 10**9)), tmp_path)

@@ -387,3 +387,10 @@ def test_bad_lanes(lanes):
 def test_bad_many(arrays):
     with pytest.raises(RansError):
         encode_many(arrays)
+
+
+def test_decode_many_honours_max_symbols():
+    data = encode_many([(np.arange(100) % 5, 5), (np.zeros(50, np.uint8), 3)])
+    assert sum(len(a) for a in decode_many(data, max_symbols=150)) == 150
+    with pytest.raises(RansError, match="too many symbols"):
+        decode_many(data, max_symbols=149)

@@ -448,3 +448,9 @@ def test_torchrun_ttt_matches_single_process(tmp_path, small_data, single_run):
     n1, n2 = np.load(e1 / "nll.npy"), np.load(e2 / "nll.npy")
     assert abs(r1["val_bpb"] - r2["val_bpb"]) < 1e-4, (r1, r2)
     np.testing.assert_allclose(n1, n2, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["1.5", "nan", "-inf"])
+def test_fractional_or_nonfinite_int_flag_is_refused(value):
+    with pytest.raises(tg.InputError, match="ITERATIONS|iterations"):
+        tg.build_config("smoke", flags={"iterations": value}, env={})
