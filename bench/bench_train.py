@@ -22,6 +22,19 @@ def flops_per_token(cfg: tg.Config, model: tg.GPT) -> float:
     return 6 * lin + 6 * cfg.num_layers * cfg.train_seq_len * cfg.model_dim
 
 
+def train_step_fn(fwd, opt, loader, d):
+    """One optimizer step at full lr (the schedule does not change the cost); returns the last micro-loss."""
+    def step(i):
+        for x, y in loader.next_step():
+            with tg.autocast(d):
+                loss = fwd(x, y)
+            (loss / loader.accum).backward()
+        opt.step(i, 1.0)
+        opt.zero_grad()
+        return loss
+    return step
+
+
 def bench(preset: str, compiled: bool, steps: int, data_path: str, peak_tflops: float) -> dict:
     d = tg.Dist(0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
     cfg = tg.build_config(preset, {"data_path": data_path, "compile": int(compiled)})
@@ -32,15 +45,7 @@ def bench(preset: str, compiled: bool, steps: int, data_path: str, peak_tflops: 
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def step(i):
-        for x, y in loader.next_step():
-            with tg.autocast(d):
-                loss = fwd(x, y)
-            (loss / loader.accum).backward()
-        opt.step(i, 1.0)
-        opt.zero_grad()
-        return loss
-
+    step = train_step_fn(fwd, opt, loader, d)
     t0 = time.perf_counter()
     for i in range(2):  # first step compiles, second settles the allocator
         step(i)

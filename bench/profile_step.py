@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt as tg  # noqa: E402
+from bench_train import train_step_fn  # noqa: E402
 
 
 def time_fn(fn, iters=10):
@@ -56,13 +58,7 @@ def profile(data_path):
     fwd = torch.compile(model, dynamic=False, fullgraph=True)
     opt, loader = tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
 
-    def step(i):
-        for x, y in loader.next_step():
-            with tg.autocast(d):
-                loss = fwd(x, y)
-            (loss / loader.accum).backward()
-        opt.step(i, 1.0)
-        opt.zero_grad()
+    step = train_step_fn(fwd, opt, loader, d)
     for i in range(3):
         step(i)
     torch.cuda.synchronize()
