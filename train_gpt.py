@@ -99,7 +99,7 @@ class Config:
     eval_stride: int = 64
     eval_batch_seqs: int = 32
     eval_budget_s: float = 600.0
-    ttt: int = 0
+    ttt: int = 1  # legal score-first TTT is the default score (TTT=0: sliding only)
     ttt_optimizer: str = "sgd"  # sgd | muon
     ttt_lr: float = 0.002
     ttt_epochs: int = 3
@@ -120,7 +120,7 @@ PRESETS: dict[str, dict] = {
         warmup_steps=200, warmdown_iters=1750, max_wallclock_seconds=0.0, matrix_lr=0.01,
         tied_embed_lr=0.0125, scalar_lr=0.01, muon_momentum=0.95, muon_momentum_warmup_start=0.85,
         muon_momentum_warmup_steps=500, muon_wd=0.0, adam_wd=0.0, grad_clip_norm=1.0, val_every=500,
-        save_every=500, ttt=1, ttt_freeze_blocks=2),
+        save_every=500, ttt_freeze_blocks=2),
     "smoke": dict(  # same code paths, sized for a 2-core CPU and the bundled sample
         data_path="./data/datasets/fineweb_tiny_sp1024", num_layers=4, model_dim=64, num_heads=4,
         num_kv_heads=2, mlp_mult=2.0, bigram_vocab=256, bigram_dim=16, ve_dim=16, ve_layers="2,3",
