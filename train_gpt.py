@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -262,11 +263,9 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
 
 # ----------------------------------------------------------------------------------------------------
 # Data: shards in the competition format (rules §2.2), read as a cyclic stream
@@ -809,8 +808,10 @@ class WeightAverage:
 
     @torch.no_grad()
     def apply(self, model: GPT) -> str:
-        if self.cfg.final_weights == "live" or self.count == 0:
-            return f"final_weights:live ({self.cfg.final_weights} collected nothing)" if self.cfg.final_weights != "live" else "final_weights:live"
+        if self.cfg.final_weights == "live":
+            return "final_weights:live"
+        if self.count == 0:
+            return f"final_weights:live ({self.cfg.final_weights} collected nothing)"
         div = self.count if self.cfg.final_weights == "swa" else 1
         for a, p in zip(self.acc, model.parameters()):
             p.copy_(a / div)
@@ -1263,7 +1264,6 @@ class Scorer:
         self.hidden = torch.compile(model.hidden, dynamic=False) if use_compile else model.hidden
         self.slot_step = torch.compile(slot_adam_step, dynamic=False) if use_compile else slot_adam_step
         self.slot_active = slot != "off"
-        self.pad = True  # one batch shape throughout: a compiled scorer never recompiles for the last batch
 
     def target_range(self, k_lo: int, k_hi: int) -> tuple[int, int]:
         return (int(self.ends[k_lo - 1]) if k_lo > 0 else 0), int(self.ends[k_hi - 1])
@@ -1280,15 +1280,14 @@ class Scorer:
                                  f"the remaining windows are scored without it")
             ks = np.arange(b, min(b + bs, k_hi))
             real = len(ks)
-            if self.pad and real < bs:  # repeat the last window; its copies get no weight and are dropped
+            if real < bs:  # one batch shape throughout (no recompiling): repeat the last window, drop the copies
                 ks = np.concatenate((ks, np.full(bs - real, ks[-1])))
             x, y, scored = window_batch(self.val, self.ends, ks, self.d)
             scored[real:] = False
             nll = self._score_batch(x, y, scored)
             out.append(nll[:real][scored[:real]].double().cpu().numpy())
-            ks = ks[:real]
             if progress:
-                progress(ks[-1] + 1 - k_lo, out)
+                progress(b + real - k_lo, out)
         return np.concatenate(out) if out else np.zeros(0)
 
     def _score_batch(self, x, y, scored) -> torch.Tensor:
@@ -1327,14 +1326,19 @@ class Progress:
                  f"running_bpb:{nll / math.log(2) / max(nbytes, 1):.6f} eta:{dt * (self.total - done) / max(done, 1):.0f}s")
 
 
+def score_sums(segments: list, val: ValData, d: Dist) -> torch.Tensor:
+    """[sum NLL, sum bytes, targets] over every rank's segments, in float64."""
+    sums = torch.tensor([sum(float(n.sum()) for _, n in segments), sum(float(val.bytes[t:t + len(n)].sum()) for t, n in segments),
+                         sum(len(n) for _, n in segments)], dtype=torch.float64)
+    return d.all_reduce(sums.to(d.device)).cpu()
+
+
 def reduce_score(segments: list, val: ValData, d: Dist, name: str, t0: float, log: Log,
                  save_nll: str | None = None) -> dict:
     """Exact metric (rules §2.5) from every rank's scored segments [(first target, NLLs), ...]: float64 sums
     over ranks, and a check that the segments of all ranks tile the val stream exactly once (C4)."""
     spans = [(t, len(n)) for t, n in segments]
-    sums = torch.tensor([sum(float(n.sum()) for _, n in segments), sum(float(val.bytes[t:t + len(n)].sum()) for t, n in segments),
-                         sum(len(n) for _, n in segments)], dtype=torch.float64)
-    sums = d.all_reduce(sums.to(d.device)).cpu()
+    sums = score_sums(segments, val, d)
     if d.world > 1:
         gathered = [None] * d.world
         dist.all_gather_object(gathered, spans)
@@ -1353,10 +1357,9 @@ def reduce_score(segments: list, val: ValData, d: Dist, name: str, t0: float, lo
             dist.all_gather_object(gathered, segments)
             parts = [p for g in gathered for p in g]
         if d.main:
-            full = np.concatenate([n for _, n in sorted(parts, key=lambda p: p[0])])
-            tmp = f"{save_nll}.tmp{os.getpid()}.npy"
-            np.save(tmp, full)
-            os.replace(tmp, save_nll)
+            buf = io.BytesIO()
+            np.save(buf, np.concatenate([n for _, n in sorted(parts, key=lambda p: p[0])]))
+            atomic_write(save_nll, buf.getvalue())
     r = {"val_loss": float(sums[0] / sums[2]), "val_bpb": float(sums[0] / (math.log(2) * sums[1])),
          "targets": int(sums[2]), "seconds": time.perf_counter() - t0, "legal": LEGAL[name]}
     log(f"final_{name} val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f} eval_time:{r['seconds'] * 1000:.0f}ms"
@@ -1377,9 +1380,8 @@ def evaluate(model: GPT, val: ValData, cfg: Config, d: Dist, stride: int, name: 
     prog = Progress(name, k_hi - k_lo, val, t_lo, log) if name else None
     nll = sc.score(k_lo, k_hi, prog) if k_hi > k_lo else np.zeros(0)
     model.train(was_training)
-    if not name:
-        sums = d.all_reduce(torch.tensor([nll.sum(), float(val.bytes[t_lo:t_lo + len(nll)].sum()), len(nll)],
-                                         dtype=torch.float64, device=d.device)).cpu()
+    if not name:  # periodic val during training: just the numbers
+        sums = score_sums([(t_lo, nll)], val, d)
         return {"val_loss": float(sums[0] / sums[2]), "val_bpb": float(sums[0] / (math.log(2) * sums[1]))}
     return reduce_score([(t_lo, nll)], val, d, name, t0, log, save_nll)
 
