@@ -51,9 +51,28 @@ def attention_variants(B=48, T=2048, H=8, KV=4, D=64):
         print(f"  {n:<24} {t} ms")
 
 
-def profile(data_path):
+def gpu_idle(prof, show=12):
+    """Gaps between GPU activities of the profiled step: time the GPU waited for the host to launch work."""
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda t: t[0])
+    gaps, end, prev = [], ev[0][1], ev[0][2]
+    for s, e, n in ev[1:]:
+        if s > end:
+            gaps.append((s - end, prev, n))
+        if e > end:
+            end, prev = e, n
+    span = (end - ev[0][0]) / 1000
+    idle = sum(g for g, _, _ in gaps) / 1000
+    big = [g for g in gaps if g[0] > 20]
+    print(f"GPU timeline of one step: span {span:.1f} ms, idle {idle:.1f} ms ({100 * idle / span:.1f}%) in {len(gaps)} gaps, "
+          f"{len(big)} over 20 us totalling {sum(g for g, _, _ in big) / 1000:.1f} ms; largest:")
+    for g, a, b in sorted(gaps, reverse=True)[:show]:
+        print(f"  {g / 1000:7.2f} ms  after {a[:60]}  before {b[:60]}")
+
+
+def profile(data_path, top):
     d = tg.Dist(0, 1, torch.device("cuda", 0))
-    cfg = tg.build_config("h100", {"data_path": data_path})
+    cfg = tg.build_config("h100", {"data_path": data_path})  # environment overrides apply (RESIDUAL_DTYPE=...)
     model = tg.GPT(cfg).to(d.device)
     fwd = torch.compile(model, dynamic=False, fullgraph=True)
     opt, loader = tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
@@ -62,16 +81,21 @@ def profile(data_path):
     for i in range(3):
         step(i)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step(3)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    gpu_idle(prof)
+    kernels = {}  # GPU kernels only: op-level rows would count each kernel's time again
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t, n = kernels.get(e.name, (0.0, 0))
+            kernels[e.name] = (t + e.device_time_total / 1000, n + 1)
+    print(f"top {top} GPU kernels of one step (ms, calls):")
+    for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {t:8.2f} {n:5d}  {name[:150]}")
     cats = {"matmul": 0.0, "attention": 0.0, "triton fused": 0.0, "other": 0.0}
-    for e in prof.key_averages():
-        t = e.self_device_time_total / 1000 if hasattr(e, "self_device_time_total") else e.self_cuda_time_total / 1000
-        if t <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:  # kernels only (ops repeat their time)
-            continue
-        k = e.key.lower()
+    for name, (t, _) in kernels.items():
+        k = name.lower()
         cat = ("attention" if any(w in k for w in ("sdpa", "attention", "flash", "fmha", "cudnn")) else
                "matmul" if any(w in k for w in ("nvjet", "gemm", "cutlass", "sm90_xmma")) else
                "triton fused" if k.startswith("triton") else "other")
@@ -87,16 +111,31 @@ def profile(data_path):
     t_fb = time.perf_counter() - t
     t = time.perf_counter()
     opt.step(5, 1.0)
-    opt.zero_grad()
     torch.cuda.synchronize()
-    print(f"step split: forward+backward {t_fb * 1000:.1f} ms, optimizer (Muon+Adam) {(time.perf_counter() - t) * 1000:.1f} ms")
+    t_opt = time.perf_counter() - t
+    print(f"step split: forward+backward {t_fb * 1000:.1f} ms, optimizer (Muon+Adam) {t_opt * 1000:.1f} ms")
+    for x, y in loader.next_step():  # fresh gradients, then the optimizer step alone under the profiler
+        with tg.autocast(d):
+            loss = fwd(x, y)
+        (loss / loader.accum).backward()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        opt.step(6, 1.0)
+        torch.cuda.synchronize()
+        t_opt = time.perf_counter() - t
+    gpu = sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1000
+    n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"optimizer step under the profiler: wall {t_opt * 1000:.1f} ms, GPU kernels {gpu:.1f} ms in {n} launches")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-path", default=".proxy")
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--top", type=int, default=40)
     a = ap.parse_args()
     if not a.skip_attention:
         attention_variants()
-    profile(a.data_path)
+    profile(a.data_path, a.top)

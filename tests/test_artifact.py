@@ -284,3 +284,15 @@ def test_forged_round_trip_helper_is_faithful(artifact):
 def test_forged_huge_config_is_refused_before_allocating(artifact, tmp_path):
     """A header asking for a 10**9-token vocabulary must be refused on shapes, not by running out of memory."""
     _refused(_forge(artifact["payload"], lambda h: h["config"].__setitem__("vocab_size", 10**9)), tmp_path)
+
+
+def test_residual_dtype_travels_and_older_artifacts_load_as_fp32(artifact):
+    """The residual stream's dtype changes eval numerics on GPUs, so the artifact carries it; artifacts
+    written before the field existed were trained with an fp32 stream and must load as such."""
+    cfg, _ = tg.parse_artifact(_forge(artifact["payload"], lambda h: h["config"].__setitem__("residual_dtype", "bf16")), "x")
+    assert cfg.residual_dtype == "bf16"
+    cfg, _ = tg.parse_artifact(_forge(artifact["payload"], lambda h: h["config"].pop("residual_dtype")), "x")
+    assert cfg.residual_dtype == "fp32"
+    _refused_cfg = _forge(artifact["payload"], lambda h: h["config"].__setitem__("residual_dtype", "fp8"))
+    with pytest.raises(tg.InputError):
+        tg.parse_artifact(_refused_cfg, "x")
