@@ -472,6 +472,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.transpose(1, 2)
 
 
+def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: drop from each head's output its component along its own value vector.
+    y [B,T,KV,G,D] (G query heads share a KV head), v [B,T,KV,D]."""
+    vn = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
+    return y - (y * vn).sum(-1, keepdim=True) * vn
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -495,9 +502,7 @@ class Attention(nn.Module):
             v = lam[0] * v0 + lam[1] * v
         q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd)
-        vn = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)  # XSA: drop y's component along its own value
-        y = y - (y * vn).sum(-1, keepdim=True) * vn
+        y = xsa(causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd), v)
         return self.proj(y.reshape(B, T, -1)), raw_v
 
 

@@ -35,13 +35,19 @@ def train_step_fn(fwd, opt, loader, d):
     return step
 
 
-def bench(preset: str, compiled: bool, steps: int, data_path: str, peak_tflops: float) -> dict:
+def setup(preset: str, data_path: str, compile_mode: str | None = None, **flags):
+    """A model from the preset's seed, its forward (compiled if cfg.compile, in torch.compile mode
+    `compile_mode`), optimizer and loader. `flags` override Config fields as train_gpt's flags do."""
     d = tg.Dist(0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
-    cfg = tg.build_config(preset, {"data_path": data_path, "compile": int(compiled)})
+    cfg = tg.build_config(preset, {"data_path": data_path, **flags})
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg).to(d.device)
-    fwd = torch.compile(model, dynamic=False, fullgraph=True) if compiled else model
-    opt, loader = tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
+    fwd = torch.compile(model, dynamic=False, fullgraph=True, mode=compile_mode) if cfg.compile else model
+    return d, cfg, model, fwd, tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
+
+
+def bench(preset: str, compiled: bool, steps: int, data_path: str, peak_tflops: float) -> dict:
+    d, cfg, model, fwd, opt, loader = setup(preset, data_path, compile=int(compiled))
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 

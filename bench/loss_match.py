@@ -14,19 +14,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt as tg  # noqa: E402
+from bench_train import setup  # noqa: E402
 
 PATHS = {"plain": dict(compile=0, residual_dtype="fp32"), "compiled-fp32": dict(compile=1, residual_dtype="fp32"),
          "fast": dict(compile=1, residual_dtype="bf16")}
 
 
 def losses(path: str, steps: int, data_path: str, preset: str) -> list[float]:
-    d = tg.Dist(0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
-    cfg = tg.build_config(preset, {"data_path": data_path, **PATHS[path]})
-    torch.manual_seed(cfg.seed)
-    model = tg.GPT(cfg).to(d.device)
-    fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile else model
-    opt, loader = tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
+    d, cfg, model, fwd, opt, loader = setup(preset, data_path, **PATHS[path])
     out, t0 = [], time.perf_counter()
     for i in range(steps):
         total = torch.zeros((), device=d.device)

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt as tg  # noqa: E402
-from bench_train import train_step_fn  # noqa: E402
+from bench_train import setup, train_step_fn  # noqa: E402
 
 
 def time_fn(fn, iters=10):
@@ -71,11 +71,7 @@ def gpu_idle(prof, show=12):
 
 
 def profile(data_path, top):
-    d = tg.Dist(0, 1, torch.device("cuda", 0))
-    cfg = tg.build_config("h100", {"data_path": data_path})  # environment overrides apply (RESIDUAL_DTYPE=...)
-    model = tg.GPT(cfg).to(d.device)
-    fwd = torch.compile(model, dynamic=False, fullgraph=True)
-    opt, loader = tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
+    d, cfg, model, fwd, opt, loader = setup("h100", data_path)  # environment overrides apply (RESIDUAL_DTYPE=...)
 
     step = train_step_fn(fwd, opt, loader, d)
     for i in range(3):

@@ -118,7 +118,7 @@ def test_round_trip_of_a_random_model_with_all_tensors_nonzero(tmp_path, ids):
 
 
 def test_size_table_sums_to_payload(trained, artifact):
-    model, cfg = trained["model"], trained["cfg"]
+    model = trained["model"]
     table, payload = artifact["table"], artifact["payload"]
     names = [g for g, *_ in table]
     assert set(names) == {"fp16 passthrough", "int6 q/k", "int5 v/o", "int4 mlp-down", "pent mlp-up",
