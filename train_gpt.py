@@ -555,7 +555,7 @@ class GPT(nn.Module):
         self.n_enc = cfg.num_layers // 2
         self.skip_weights = nn.Parameter(torch.full((min(self.n_enc, cfg.num_layers - self.n_enc), dim), 0.1))
         # Tables as buffers: computed inside the compiled graph, cos/sin/pow ran per element in every
-        # q/k kernel (about 30 ms of a 1xH100 step). Not in the state dict, so not in the artifact.
+        # q/k kernel (35-45 ms of a 1xH100 step, measured). Not in the state dict, so not in the artifact.
         cos, sin = rope_tables(max(cfg.train_seq_len, cfg.eval_seq_len), cfg.rope_dims, "cpu")
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -658,7 +658,7 @@ class ParallelMuon:
     the average of its own matrices only; owners run momentum + Newton-Schulz (batched by shape); the bf16
     updates are all-gathered. Communication equals one all-reduce; the orthogonalization work is split.
     A rank's segment of the flat buffers holds its matrices grouped by shape, so momentum is one flat op and
-    each shape group is a zero-copy [k, rows, cols] view: a few dozen launches per step instead of ~1,300."""
+    each shape group is a zero-copy [k, rows, cols] view (the whole optimizer step: ~380 launches, was ~1,300)."""
 
     def __init__(self, named: list, d: Dist, ns_steps: int):
         self.d, self.ns_steps = d, ns_steps
@@ -727,10 +727,9 @@ class ParallelMuon:
         return {n: self.view(flat, i).cpu().clone() for i, n in enumerate(self.names)}
 
     def load_state_dict(self, sd: dict) -> None:
-        base = self.d.rank * self.seg
         for i, n in enumerate(self.names):
-            if self.d.rank * self.seg <= self.offset[i] < (self.d.rank + 1) * self.seg:
-                o = self.offset[i] - base
+            o = self.offset[i] - self.d.rank * self.seg
+            if 0 <= o < self.seg:  # owned by this rank
                 self.momentum[o:o + self.params[i].numel()].copy_(sd[n].reshape(-1))
 
 
