@@ -859,6 +859,17 @@ def autocast(d: Dist):
     return torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def forward_backward(fwd, batches: list, d: Dist) -> torch.Tensor:
+    """Accumulates the gradient of the step's mean loss over its micro-batches; returns that mean (no sync)."""
+    total = torch.zeros((), device=d.device)
+    for x, y in batches:
+        with autocast(d):
+            loss = fwd(x, y)
+        (loss / len(batches)).backward()
+        total += loss.detach()
+    return total / len(batches)
+
+
 def save_checkpoint(cfg: Config, d: Dist, model, opt, loader, avg, step: int, train_time: float, log: Log) -> None:
     state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "optim": opt.state_dict(),
              "loader": loader.stream.state(), "avg": avg.state_dict(), "step": step, "train_time": train_time,
@@ -892,22 +903,12 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
         f"attention:{'fa3' if fa3_attn is not None and d.device.type == 'cuda' else 'sdpa'}")
     log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile else model
-
-    def train_step(batches) -> torch.Tensor:
-        total = torch.zeros((), device=d.device)
-        for x, y in batches:
-            with autocast(d):
-                loss = fwd(x, y)
-            (loss / len(batches)).backward()
-            total += loss.detach()
-        return total / len(batches)
-
     if cfg.compile and cfg.compile_warmup_steps > 0:  # compile before the clock, then restore (rules §1.2)
         t0 = time.perf_counter()
         snapshot = {k: v.clone() for k, v in model.state_dict().items()}
         opt, loader = Optimizers(model, cfg, d), TrainLoader(cfg, d)
         for s in range(cfg.compile_warmup_steps):
-            train_step(loader.next_step())
+            forward_backward(fwd, loader.next_step(), d)
             opt.step(s, lr_scale(cfg, s, 0.0))
             opt.zero_grad()
         model.load_state_dict(snapshot)
@@ -938,7 +939,7 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
         if step >= cfg.iterations or 0 < cfg.max_wallclock_seconds <= elapsed:
             break
         scale = lr_scale(cfg, step, elapsed)
-        loss = train_step(loader.next_step())
+        loss = forward_backward(fwd, loader.next_step(), d)
         opt.step(step, scale)
         opt.zero_grad()
         avg.update(model, step, scale)

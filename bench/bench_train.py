@@ -23,12 +23,9 @@ def flops_per_token(cfg: tg.Config, model: tg.GPT) -> float:
 
 
 def train_step_fn(fwd, opt, loader, d):
-    """One optimizer step at full lr (the schedule does not change the cost); returns the last micro-loss."""
+    """One optimizer step at full lr (the schedule does not change the cost); returns the mean micro-loss."""
     def step(i):
-        for x, y in loader.next_step():
-            with tg.autocast(d):
-                loss = fwd(x, y)
-            (loss / loader.accum).backward()
+        loss = tg.forward_backward(fwd, loader.next_step(), d)
         opt.step(i, 1.0)
         opt.zero_grad()
         return loss

@@ -26,15 +26,9 @@ def losses(path: str, steps: int, data_path: str, preset: str) -> list[float]:
     d, cfg, model, fwd, opt, loader = setup(preset, data_path, **PATHS[path])
     out, t0 = [], time.perf_counter()
     for i in range(steps):
-        total = torch.zeros((), device=d.device)
-        for x, y in loader.next_step():
-            with tg.autocast(d):
-                loss = fwd(x, y)
-            (loss / loader.accum).backward()
-            total += loss.detach()
+        out.append(tg.forward_backward(fwd, loader.next_step(), d))
         opt.step(i, tg.lr_scale(cfg, i, 0.0))
         opt.zero_grad()
-        out.append(total / loader.accum)
     out = [float(v) for v in out]  # one host sync at the end
     print(f"  {path}: {steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
     return out

@@ -99,10 +99,7 @@ def profile(data_path, top):
     total = sum(cats.values())
     print("GPU kernel time of one step by category (ms):", {k: round(v, 1) for k, v in cats.items()}, f"total {total:.1f}")
     t = time.perf_counter()
-    for x, y in loader.next_step():
-        with tg.autocast(d):
-            loss = fwd(x, y)
-        (loss / loader.accum).backward()
+    tg.forward_backward(fwd, loader.next_step(), d)
     torch.cuda.synchronize()
     t_fb = time.perf_counter() - t
     t = time.perf_counter()
@@ -110,10 +107,7 @@ def profile(data_path, top):
     torch.cuda.synchronize()
     t_opt = time.perf_counter() - t
     print(f"step split: forward+backward {t_fb * 1000:.1f} ms, optimizer (Muon+Adam) {t_opt * 1000:.1f} ms")
-    for x, y in loader.next_step():  # fresh gradients, then the optimizer step alone under the profiler
-        with tg.autocast(d):
-            loss = fwd(x, y)
-        (loss / loader.accum).backward()
+    tg.forward_backward(fwd, loader.next_step(), d)  # fresh gradients, then the optimizer step alone under the profiler
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
