@@ -35,6 +35,13 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attn
 except ImportError:
     fa3_attn = None
+try:  # Triton: the fused MLP kernels on GPUs (TRITON_INTERPRET=1 runs them on CPU, for the tests)
+    import triton
+    import triton.language as tl
+    assert hasattr(torch.library, "triton_op")  # torch >= 2.6
+except (ImportError, AssertionError):
+    triton = None
+TRITON_ON_CPU = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -66,7 +73,7 @@ class Config:
     # batch and schedule (spec §2.2, §2.5)
     train_batch_tokens: int = 786432
     train_seq_len: int = 2048
-    micro_batch_seqs: int = 48  # sequences per rank per forward; grad accumulation makes up the rest
+    micro_batch_seqs: int = 96  # at most this many sequences per rank per forward; grad accumulation does the rest
     iterations: int = 9000
     warmup_steps: int = 180
     warmdown_iters: int = 3500
@@ -90,6 +97,7 @@ class Config:
     # runtime
     compile: int = 1
     compile_warmup_steps: int = 3
+    fused_mlp: int = 1  # CUDA + Triton: LeakyReLU² fused into the MLP matmuls (0: inductor's separate kernels)
     log_every: int = 200
     val_every: int = 0
     save_every: int = 0
@@ -375,8 +383,9 @@ class TrainLoader:
     averaged gradient) is the same for any world size W and micro-batch m."""
 
     def __init__(self, cfg: Config, d: Dist):
-        self.T, self.m, self.d = cfg.train_seq_len, cfg.micro_batch_seqs, d
         seqs = cfg.train_batch_tokens // cfg.train_seq_len
+        # A rank whose share is smaller (8 GPUs: 48 sequences each) runs it in one micro-batch.
+        self.T, self.m, self.d = cfg.train_seq_len, min(cfg.micro_batch_seqs, max(seqs // d.world, 1)), d
         if seqs % (d.world * self.m):
             raise InputError(f"{seqs} sequences per step do not split into {d.world} ranks x micro-batches of "
                              f"{self.m} (set MICRO_BATCH_SEQS to a divisor of {seqs // d.world})")
@@ -437,11 +446,14 @@ class QATLinear(nn.Module):
         self.alphabet = alphabet
         self.quantized = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.weight
         if self.quantized:  # value: exactly the dequantized weight; gradient: straight through to w
             w = dequantize_rows(*quantize_rows(w.detach(), self.alphabet), self.alphabet) + (w - w.detach())
-        return F.linear(x, w.to(x.dtype))
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_as(x.dtype))
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -506,13 +518,111 @@ class Attention(nn.Module):
         return self.proj(y.reshape(B, T, -1)), raw_v
 
 
+if triton is not None:
+    @triton.jit
+    def mlp_act_mm_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, GRAD: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          INTERPRET: tl.constexpr):
+        """C = A @ B in fp32, rounded to bf16 as a matmul would store it; then, still in registers,
+        GRAD=0: h = C and out = leaky_relu(h, 0.5)^2; GRAD=1: out = C * d/dh leaky_relu(h, 0.5)^2 (h read).
+        M, N, K must be multiples of the blocks (the caller checks); C is row-major M x N like h and out."""
+        pid, n_m, n_n = tl.program_id(0), M // BLOCK_M, N // BLOCK_N
+        group = pid // (GROUP_M * n_n)  # GROUP_M row-blocks share B's column-blocks in L2
+        rows = min(n_m - group * GROUP_M, GROUP_M)
+        pid_m = group * GROUP_M + (pid % (GROUP_M * n_n)) % rows
+        pid_n = (pid % (GROUP_M * n_n)) // rows
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
+        b = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            ta, tb = tl.load(a), tl.load(b)
+            if INTERPRET:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers; fp32 is exact
+                ta, tb = ta.to(tl.float32), tb.to(tl.float32)
+            acc = tl.dot(ta, tb, acc)
+            a += BLOCK_K * s_ak
+            b += BLOCK_K * s_bk
+        c = acc.to(tl.bfloat16).to(tl.float32)
+        off = rm[:, None] * N + rn[None, :]
+        if GRAD:
+            h = tl.load(h_ptr + off).to(tl.float32)
+            tl.store(out_ptr + off, (c * h * tl.where(h > 0, 2.0, 0.5)).to(tl.bfloat16))
+        else:
+            act = tl.where(c > 0, c, 0.5 * c)
+            tl.store(h_ptr + off, c.to(tl.bfloat16))
+            tl.store(out_ptr + off, (act * act).to(tl.bfloat16))
+
+    def mlp_kernel_blocks(device: torch.device) -> dict:
+        # H100: the fastest of 15 configurations in bench/experiments/fused_mlp.py. Ampere (RTX 3090) has
+        # about 99 KB of shared memory per block, so half-depth K tiles there (not measured on Ampere).
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
+
+    def launch_mlp_kernel(a, b, h, out, grad: bool, blocks: dict):
+        (M, K), N = a.shape, b.size(1)
+        grid = ((M // blocks["BLOCK_M"]) * (N // blocks["BLOCK_N"]),)
+        torch.library.wrap_triton(mlp_act_mm_kernel)[grid](
+            a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), GRAD=grad,
+            INTERPRET=a.device.type == "cpu", **blocks)
+
+    @torch.library.triton_op("hqgpt::mlp_up_act", mutates_args=())
+    def mlp_up_act(x: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = x @ w_up.T and a = leaky_relu(h, 0.5)^2 in one pass."""
+        h = x.new_empty(x.size(0), w_up.size(0))
+        a = torch.empty_like(h)
+        launch_mlp_kernel(x, w_up.t(), h, a, False, mlp_kernel_blocks(x.device))
+        return h, a
+
+    @torch.library.triton_op("hqgpt::mlp_act_grad", mutates_args=())
+    def mlp_act_grad(grad_y: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Gradient at h: (grad_y @ w_down) * d/dh leaky_relu(h, 0.5)^2 in one pass."""
+        grad_h = torch.empty_like(h)
+        launch_mlp_kernel(grad_y, w_down, h, grad_h, True, mlp_kernel_blocks(h.device))
+        return grad_h
+
+
+class FusedMLP(torch.autograd.Function):
+    """down(leaky_relu(up(x), 0.5)^2) on 2-D bf16 tensors. Same products as the unfused MLP, but the
+    activation rides in the up-projection's epilogue and its derivative in the epilogue of the matmul that
+    produces the hidden gradient: two fewer full passes over the 4x-wide hidden activations each way."""
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_down):
+        h, a = mlp_up_act(x, w_up)
+        ctx.save_for_backward(x, w_up, w_down, h, a)
+        return a @ w_down.t()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w_up, w_down, h, a = ctx.saved_tensors
+        grad_h = mlp_act_grad(grad_y, w_down, h)
+        return grad_h @ w_up, grad_h.t() @ x, grad_y.t() @ a
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         hidden = math.ceil(cfg.mlp_mult * cfg.model_dim / 64) * 64
         self.up, self.down = QATLinear(cfg.model_dim, hidden, PENT), QATLinear(hidden, cfg.model_dim, INT4)
+        self.fused = bool(cfg.fused_mlp) and triton is not None
+
+    def fused_applies(self, x: torch.Tensor) -> bool:
+        # Block sizes divide these for every GPU (mlp_kernel_blocks); other shapes take the unfused path.
+        if not (self.fused and (x.is_cuda or TRITON_ON_CPU)):
+            return False
+        dev = x.device.type
+        bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and
+                                             torch.get_autocast_dtype(dev) == torch.bfloat16)
+        return bf16 and x[..., 0].numel() % 128 == 0 and self.up.weight.size(0) % 128 == 0 and x.size(-1) % 64 == 0
 
     def forward(self, x):
+        if self.fused_applies(x):
+            bf = torch.bfloat16
+            y = FusedMLP.apply(x.reshape(-1, x.size(-1)).to(bf), self.up.weight_as(bf), self.down.weight_as(bf))
+            return y.view(*x.shape[:-1], -1)
         return self.down(F.leaky_relu(self.up(x), 0.5).square())
 
 
@@ -925,7 +1035,7 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
         avg.load_state_dict(ck["avg"], d.device)
         step, train_time = int(ck["step"]), float(ck["train_time"])
         log(f"resumed:{resume} step:{step} train_time:{train_time * 1000:.0f}ms")
-    log(f"train_batch_tokens:{cfg.train_batch_tokens} seq_len:{cfg.train_seq_len} micro_batch_seqs:{cfg.micro_batch_seqs} "
+    log(f"train_batch_tokens:{cfg.train_batch_tokens} seq_len:{cfg.train_seq_len} micro_batch_seqs:{loader.m} "
         f"grad_accum:{loader.accum} iterations:{cfg.iterations} max_wallclock_seconds:{cfg.max_wallclock_seconds}")
     val = None
     if cfg.val_every > 0:

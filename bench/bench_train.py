@@ -1,5 +1,9 @@
 """Training throughput per preset: compile seconds, steady-state ms/step, tokens/s, FLOPs/token, utilization,
-peak memory; the compiled path and the plain eager path side by side in one process.
+peak memory; the paths below side by side in one process:
+  compiled   what train_gpt.py runs: torch.compile, bf16 residual stream, fused MLP kernels
+  unfused    the same without the fused MLP kernels (FUSED_MLP=0)
+  mb48       the same with micro-batches of 48 sequences (MICRO_BATCH_SEQS=48; the default is up to 96)
+  eager      the plain path: no torch.compile, no fused MLP kernels, micro-batches of 48
 
     python bench/bench_train.py --data-path .proxy --presets h100,3090 --steps 6
 Environment variables override preset fields as in train_gpt.py (e.g. MICRO_BATCH_SEQS=24).
@@ -43,8 +47,14 @@ def setup(preset: str, data_path: str, compile_mode: str | None = None, **flags)
     return d, cfg, model, fwd, tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
 
 
-def bench(preset: str, compiled: bool, steps: int, data_path: str, peak_tflops: float) -> dict:
-    d, cfg, model, fwd, opt, loader = setup(preset, data_path, compile=int(compiled))
+PATHS = {"compiled": {}, "unfused": dict(fused_mlp=0), "mb48": dict(micro_batch_seqs=48),
+         "eager": dict(compile=0, fused_mlp=0, micro_batch_seqs=48)}
+
+
+def bench(preset: str, path: str, steps: int, data_path: str, peak_tflops: float) -> dict:
+    preset_mb = tg.build_config(preset, {"data_path": data_path}).micro_batch_seqs
+    flags = {k: min(v, preset_mb) if k == "micro_batch_seqs" else v for k, v in PATHS[path].items()}  # 48 is a cap
+    d, cfg, model, fwd, opt, loader = setup(preset, data_path, **flags)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -61,7 +71,7 @@ def bench(preset: str, compiled: bool, steps: int, data_path: str, peak_tflops: 
     dt = (time.perf_counter() - t0) / steps
     tps = cfg.train_batch_tokens / dt
     fpt = flops_per_token(cfg, model)
-    return {"preset": preset, "path": "compiled" if compiled else "eager", "warm_s": warm, "ms_step": dt * 1000,
+    return {"preset": preset, "path": path, "warm_s": warm, "ms_step": dt * 1000,
             "tok_s": tps, "gflop_tok": fpt / 1e9, "util": fpt * tps / (peak_tflops * 1e12),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda" else float("nan"),
             "loss": loss.item(), "grad_accum": loader.accum}
@@ -72,7 +82,7 @@ def main():
     ap.add_argument("--data-path", default="./data/datasets/fineweb_tiny_sp1024")
     ap.add_argument("--presets", default="h100,3090")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--paths", default="compiled,eager")
+    ap.add_argument("--paths", default="compiled,unfused,mb48,eager", help=",".join(PATHS))
     ap.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 dense peak used for utilization")
     a = ap.parse_args()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -80,7 +90,7 @@ def main():
     rows = []
     for p in a.presets.split(","):
         for path in a.paths.split(","):
-            rows.append(bench(p, path == "compiled", a.steps, a.data_path, a.peak_tflops))
+            rows.append(bench(p, path, a.steps, a.data_path, a.peak_tflops))
             r = rows[-1]
             print(f"  done {p}/{r['path']}: {r['ms_step']:.1f} ms/step", flush=True)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -1,8 +1,9 @@
 """Does the fast path compute the same thing? The first N training losses (same seed, same batches, the
 real lr warm-up) of three paths of the h100 preset, side by side:
-  plain          eager (no torch.compile), fp32 residual stream
-  compiled-fp32  torch.compile, fp32 residual stream: the size of bf16 kernel noise alone
-  fast           torch.compile, bf16 residual stream (the default)
+  plain          eager (no torch.compile), fp32 residual stream, no fused MLP kernels, micro-batches of 48
+                 (the default 96 would not fit in 80 GB eager; micro-batching changes only the summation order)
+  compiled-fp32  torch.compile, fp32 residual stream, no fused MLP kernels: the size of bf16 kernel noise alone
+  fast           torch.compile, bf16 residual stream, fused MLP kernels (the default)
 
     python bench/loss_match.py --data-path .proxy --steps 50
 """
@@ -18,8 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt as tg  # noqa: E402
 from bench_train import setup  # noqa: E402
 
-PATHS = {"plain": dict(compile=0, residual_dtype="fp32"), "compiled-fp32": dict(compile=1, residual_dtype="fp32"),
-         "fast": dict(compile=1, residual_dtype="bf16")}
+PATHS = {"plain": dict(compile=0, residual_dtype="fp32", fused_mlp=0, micro_batch_seqs=48),
+         "compiled-fp32": dict(compile=1, residual_dtype="fp32", fused_mlp=0),
+         "fast": dict(compile=1, residual_dtype="bf16", fused_mlp=1)}
 
 
 def losses(path: str, steps: int, data_path: str, preset: str) -> list[float]:

@@ -194,6 +194,15 @@ def test_micro_batch_that_does_not_divide_is_an_input_error(tmp_path):
         tg.TrainLoader(cfg, dist1())
 
 
+@pytest.mark.parametrize("world,m,accum", [(1, 32, 1), (2, 16, 1), (4, 8, 1)])
+def test_micro_batch_is_capped_at_a_ranks_share(tmp_path, world, m, accum):
+    # 32 sequences per step; MICRO_BATCH_SEQS=64 is an upper bound (8xH100 runs the default 96 as 48 per rank)
+    cfg = smoke_cfg(tmp_path, micro_batch_seqs=64)
+    loader = tg.TrainLoader(cfg, tg.Dist(0, world, torch.device("cpu")))
+    assert (loader.m, loader.accum) == (m, accum)
+    assert all(x.shape == (m, cfg.train_seq_len) for x, _ in loader.next_step())
+
+
 # ---------------------------------------------------------------------------------------------------
 # loader
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""Hand-written fused MLP kernels (train_gpt.mlp_act_mm_kernel) against cuBLAS + inductor's elementwise kernel,
+at the h100 micro-batch shape (98,304 tokens, 512 -> 2048 -> 512, bf16), in one process:
+  1. block-size sweep of the kernel in both modes (up-projection + activation; hidden gradient) vs the unfused pair,
+     and of a persistent variant (one program per SM looping over tiles, so a tile's epilogue can overlap the
+     next tile's loads); each time is the mean over 10 back-to-back launches
+  2. one MLP forward+backward, compiled, unfused vs FusedMLP; errors of each vs an fp32 reference
+    python bench/experiments/fused_mlp.py"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import train_gpt as tg  # noqa: E402
+
+SWEEP = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
+         (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (128, 256, 32, 8, 4), (256, 128, 32, 8, 4)]
+
+
+@triton.jit
+def persistent_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, GRAD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      NUM_SMS: tl.constexpr):
+    n_m, n_n = M // BLOCK_M, N // BLOCK_N
+    for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=True):
+        group = tile // (GROUP_M * n_n)
+        rows = min(n_m - group * GROUP_M, GROUP_M)
+        pid_m = group * GROUP_M + (tile % (GROUP_M * n_n)) % rows
+        pid_n = (tile % (GROUP_M * n_n)) // rows
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            ta = tl.load(a_ptr + rm[:, None] * s_am + (k + rk[None, :]) * s_ak)
+            tb = tl.load(b_ptr + (k + rk[:, None]) * s_bk + rn[None, :] * s_bn)
+            acc = tl.dot(ta, tb, acc)
+        c = acc.to(tl.bfloat16).to(tl.float32)
+        off = rm[:, None] * N + rn[None, :]
+        if GRAD:
+            h = tl.load(h_ptr + off).to(tl.float32)
+            tl.store(out_ptr + off, (c * h * tl.where(h > 0, 2.0, 0.5)).to(tl.bfloat16))
+        else:
+            act = tl.where(c > 0, c, 0.5 * c)
+            tl.store(h_ptr + off, c.to(tl.bfloat16))
+            tl.store(out_ptr + off, (act * act).to(tl.bfloat16))
+
+
+def launch(kind, a, b, h, out, grad, blocks):
+    (M, K), N = a.shape, b.size(1)
+    tiles = (M // blocks["BLOCK_M"]) * (N // blocks["BLOCK_N"])
+    args = (a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    if kind == "tiled":
+        tg.mlp_act_mm_kernel[(tiles,)](*args, GRAD=grad, INTERPRET=False, **blocks)
+    else:
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+        persistent_kernel[(min(sms, tiles),)](*args, GRAD=grad, NUM_SMS=sms, **blocks)
+
+
+def timed10(fn):
+    return timed(lambda: [fn() for _ in range(10)]) / 10
+
+
+def timed(fn, n=30):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[n // 2]
+
+
+def act(h):
+    return F.leaky_relu(h, 0.5).square()
+
+
+def act_grad(g, h):  # what autograd computes for act, given the gradient at its output
+    h = h.detach().requires_grad_()
+    return torch.autograd.grad(act(h), h, g)[0]
+
+
+def act_grad_formula(g, h):  # the same values as act_grad, without autograd's overhead, for timing
+    return (g.float() * h.float() * torch.where(h > 0, 2.0, 0.5)).to(h.dtype)
+
+
+def plain_mlp(x, w_up, w_down):
+    return F.linear(act(F.linear(x, w_up)), w_down)
+
+
+def fused_mlp(x, w_up, w_down):
+    return tg.FusedMLP.apply(x, w_up, w_down)
+
+
+def main():
+    torch.manual_seed(0)
+    M, D, H, dt = 98304, 512, 2048, torch.bfloat16
+    x = torch.randn(M, D, device="cuda", dtype=dt)
+    w_up = torch.randn(H, D, device="cuda", dtype=dt) / D ** 0.5
+    w_down = torch.randn(D, H, device="cuda", dtype=dt) / H ** 0.5
+    g = torch.randn(M, D, device="cuda", dtype=dt)
+    h = F.linear(x, w_up)
+    print(f"device:{torch.cuda.get_device_name(0)} torch:{torch.__version__} triton:{tg.triton.__version__}")
+
+    act_c, act_grad_c = torch.compile(act), torch.compile(act_grad_formula)
+    mm_up = timed10(lambda: F.linear(x, w_up))
+    mm_dg = timed10(lambda: g @ w_down)
+    dA = g @ w_down
+    el_up = timed10(lambda: act_c(h))
+    el_dg = timed10(lambda: act_grad_c(dA, h))
+    unf_up, unf_dg = mm_up + el_up, mm_dg + el_dg
+    print(f"cuBLAS matmul alone: up {mm_up:.3f} ms, hidden-grad {mm_dg:.3f} ms; compiled elementwise alone: "
+          f"act {el_up:.3f} ms, act-grad {el_dg:.3f} ms")
+    ref_a, ref_dh = act(h.float()), act_grad(dA.float(), h.float())
+    print("| kernel | BLOCK_M | BLOCK_N | BLOCK_K | warps | stages | up+act ms | hidden-grad ms | saved per MLP ms | err a | err dh |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, sweep in (("tiled", SWEEP), ("persistent", SWEEP[:6])):
+        for bm, bn, bk, w, s in sweep:
+            blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+            hh, a, dh = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
+            try:
+                t_up = timed10(lambda: launch(kind, x, w_up.t(), hh, a, False, blocks))
+                t_dg = timed10(lambda: launch(kind, g, w_down, h, dh, True, blocks))
+            except Exception as e:  # e.g. out of shared memory
+                print(f"| {kind} | {bm} | {bn} | {bk} | {w} | {s} | failed: {type(e).__name__} |")
+                continue
+            err = lambda u, r: ((u.float() - r).norm() / r.norm()).item()
+            print(f"| {kind} | {bm} | {bn} | {bk} | {w} | {s} | {t_up:.3f} | {t_dg:.3f} | "
+                  f"{unf_up + unf_dg - t_up - t_dg:+.3f} | {err(a, ref_a):.1e} | {err(dh, ref_dh):.1e} |", flush=True)
+    blocks = tg.mlp_kernel_blocks(x.device)
+    print(f"train_gpt's choice for this GPU: {blocks}; through the custom op (eager): "
+          f"up+act {timed10(lambda: tg.mlp_up_act(x, w_up)):.3f} ms, hidden-grad "
+          f"{timed10(lambda: tg.mlp_act_grad(g, w_down, h)):.3f} ms")
+
+    ref = None
+    for name, fn in (("fp32 reference", plain_mlp), ("unfused, compiled", plain_mlp), ("FusedMLP, compiled", fused_mlp)):
+        cast = torch.float32 if name.startswith("fp32") else dt
+        ins = [t.detach().to(cast).clone().requires_grad_() for t in (x, w_up, w_down)]  # fresh leaves, no old .grad
+        f = fn if name.startswith("fp32") else torch.compile(fn, fullgraph=True)
+        out = f(*ins)
+        out.backward(g.to(cast))
+        res = [out.detach().float()] + [t.grad.float() for t in ins]
+        for t in ins:
+            t.grad = None
+
+        def step():
+            f(*ins).backward(g.to(cast))
+        ms = timed(step, 20)
+        del step
+        if ref is None:
+            ref = res
+        errs = [((u - r).norm() / r.norm()).item() for u, r in zip(res, ref)]
+        print(f"{name:<20} fwd+bwd {ms:.3f} ms   rel. err vs fp32 (y, dx, dw_up, dw_down): "
+              + ", ".join(f"{e:.1e}" for e in errs), flush=True)
+
+
+if __name__ == "__main__":
+    main()
