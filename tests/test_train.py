@@ -223,6 +223,19 @@ def test_loader_batches_are_contiguous_and_shifted(tmp_path):
             assert torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_loader_state_is_that_of_consumed_steps_despite_read_ahead(tmp_path):
+    cfg = smoke_cfg(tmp_path)
+    a = tg.TrainLoader(cfg, dist1())
+    for _ in range(3):
+        a.next_step()  # the worker has read step 4 ahead by now
+    assert a.stream.state() == {"shard": 0, "pos": 3 * 4096}
+    b = tg.TrainLoader(cfg, dist1())
+    b.next_step()  # b has a pending read-ahead of its step 2, which load_state must drop
+    b.load_state(a.stream.state())
+    for _ in range(2):
+        assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a.next_step(), b.next_step()))
+
+
 def test_token_stream_wraps_across_shards(tmp_path):
     a = write_shard(tmp_path / "a.bin", np.arange(10))
     b = write_shard(tmp_path / "b.bin", np.arange(100, 105))
