@@ -536,17 +536,33 @@ class Attention(nn.Module):
 
 if triton is not None:
     @triton.jit
+    def grouped_tile(t, n_m, n_n, GROUP_M: tl.constexpr):
+        """Tile t's (row, column) block: GROUP_M row-blocks in a row share B's column-blocks while in L2."""
+        group = t // (GROUP_M * n_n)
+        rows = min(n_m - group * GROUP_M, GROUP_M)
+        return group * GROUP_M + (t % (GROUP_M * n_n)) % rows, (t % (GROUP_M * n_n)) // rows
+
+    @triton.jit
+    def mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD: tl.constexpr):
+        """acc = the matmul's fp32 tile, rounded to bf16 as a matmul would store it; then
+        GRAD=0: h = acc and out = leaky_relu(h, 0.5)^2; GRAD=1: out = acc * d/dh leaky_relu(h, 0.5)^2 (h read)."""
+        c = acc.to(tl.bfloat16).to(tl.float32)
+        off = rm[:, None] * N + rn[None, :]
+        if GRAD:
+            h = tl.load(h_ptr + off).to(tl.float32)
+            tl.store(out_ptr + off, (c * h * tl.where(h > 0, 2.0, 0.5)).to(tl.bfloat16))
+        else:
+            act = tl.where(c > 0, c, 0.5 * c)
+            tl.store(h_ptr + off, c.to(tl.bfloat16))
+            tl.store(out_ptr + off, (act * act).to(tl.bfloat16))
+
+    @triton.jit
     def mlp_act_mm_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, GRAD: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                           INTERPRET: tl.constexpr):
-        """C = A @ B in fp32, rounded to bf16 as a matmul would store it; then, still in registers,
-        GRAD=0: h = C and out = leaky_relu(h, 0.5)^2; GRAD=1: out = C * d/dh leaky_relu(h, 0.5)^2 (h read).
-        M, N, K must be multiples of the blocks (the caller checks); C is row-major M x N like h and out."""
-        pid, n_m, n_n = tl.program_id(0), M // BLOCK_M, N // BLOCK_N
-        group = pid // (GROUP_M * n_n)  # GROUP_M row-blocks share B's column-blocks in L2
-        rows = min(n_m - group * GROUP_M, GROUP_M)
-        pid_m = group * GROUP_M + (pid % (GROUP_M * n_n)) % rows
-        pid_n = (pid % (GROUP_M * n_n)) // rows
+        """One BLOCK_M x BLOCK_N tile of A @ B (fp32 accumulation) through mlp_act_epilogue. M, N, K must be
+        multiples of the blocks (the caller checks); h and out are row-major M x N."""
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M // BLOCK_M, N // BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -560,15 +576,7 @@ if triton is not None:
             acc = tl.dot(ta, tb, acc)
             a += BLOCK_K * s_ak
             b += BLOCK_K * s_bk
-        c = acc.to(tl.bfloat16).to(tl.float32)
-        off = rm[:, None] * N + rn[None, :]
-        if GRAD:
-            h = tl.load(h_ptr + off).to(tl.float32)
-            tl.store(out_ptr + off, (c * h * tl.where(h > 0, 2.0, 0.5)).to(tl.bfloat16))
-        else:
-            act = tl.where(c > 0, c, 0.5 * c)
-            tl.store(h_ptr + off, c.to(tl.bfloat16))
-            tl.store(out_ptr + off, (act * act).to(tl.bfloat16))
+        mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD)
 
     def mlp_kernel_blocks(device: torch.device) -> dict:
         # H100: the fastest of 15 configurations in bench/experiments/fused_mlp.py. Ampere (RTX 3090) has

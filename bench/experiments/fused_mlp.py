@@ -15,6 +15,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
+from mlp_fusion import timed  # noqa: E402
 
 SWEEP = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
          (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (128, 256, 32, 8, 4), (256, 128, 32, 8, 4)]
@@ -26,10 +27,7 @@ def persistent_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s
                       NUM_SMS: tl.constexpr):
     n_m, n_n = M // BLOCK_M, N // BLOCK_N
     for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=True):
-        group = tile // (GROUP_M * n_n)
-        rows = min(n_m - group * GROUP_M, GROUP_M)
-        pid_m = group * GROUP_M + (tile % (GROUP_M * n_n)) % rows
-        pid_n = (tile % (GROUP_M * n_n)) // rows
+        pid_m, pid_n = tg.grouped_tile(tile, n_m, n_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -38,15 +36,7 @@ def persistent_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s
             ta = tl.load(a_ptr + rm[:, None] * s_am + (k + rk[None, :]) * s_ak)
             tb = tl.load(b_ptr + (k + rk[:, None]) * s_bk + rn[None, :] * s_bn)
             acc = tl.dot(ta, tb, acc)
-        c = acc.to(tl.bfloat16).to(tl.float32)
-        off = rm[:, None] * N + rn[None, :]
-        if GRAD:
-            h = tl.load(h_ptr + off).to(tl.float32)
-            tl.store(out_ptr + off, (c * h * tl.where(h > 0, 2.0, 0.5)).to(tl.bfloat16))
-        else:
-            act = tl.where(c > 0, c, 0.5 * c)
-            tl.store(h_ptr + off, c.to(tl.bfloat16))
-            tl.store(out_ptr + off, (act * act).to(tl.bfloat16))
+        tg.mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD)
 
 
 def launch(kind, a, b, h, out, grad, blocks):
@@ -62,21 +52,6 @@ def launch(kind, a, b, h, out, grad, blocks):
 
 def timed10(fn):
     return timed(lambda: [fn() for _ in range(10)]) / 10
-
-
-def timed(fn, n=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[n // 2]
 
 
 def act(h):
