@@ -38,8 +38,12 @@ def train_step_fn(fwd, opt, loader, d):
 
 def setup(preset: str, data_path: str, compile_mode: str | None = None, **flags):
     """A model from the preset's seed, its forward (compiled if cfg.compile, in torch.compile mode
-    `compile_mode`), optimizer and loader. `flags` override Config fields as train_gpt's flags do."""
+    `compile_mode`), optimizer and loader. `flags` override Config fields as train_gpt's flags do, except
+    micro_batch_seqs, which only caps the preset's (the plain paths' 48 must not raise the 3090's 16)."""
     d = tg.Dist(0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    if "micro_batch_seqs" in flags:
+        preset_mb = tg.build_config(preset, {"data_path": data_path}).micro_batch_seqs
+        flags["micro_batch_seqs"] = min(flags["micro_batch_seqs"], preset_mb)
     cfg = tg.build_config(preset, {"data_path": data_path, **flags})
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg).to(d.device)
@@ -52,9 +56,7 @@ PATHS = {"compiled": {}, "unfused": dict(fused_mlp=0), "mb48": dict(micro_batch_
 
 
 def bench(preset: str, path: str, steps: int, data_path: str, peak_tflops: float) -> dict:
-    preset_mb = tg.build_config(preset, {"data_path": data_path}).micro_batch_seqs
-    flags = {k: min(v, preset_mb) if k == "micro_batch_seqs" else v for k, v in PATHS[path].items()}  # 48 is a cap
-    d, cfg, model, fwd, opt, loader = setup(preset, data_path, **flags)
+    d, cfg, model, fwd, opt, loader = setup(preset, data_path, **PATHS[path])
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
