@@ -623,7 +623,9 @@ class FusedMLP(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w_up, w_down, h, a = ctx.saved_tensors
         grad_h = mlp_act_grad(grad_y, w_down, h)
-        return grad_h @ w_up, grad_h.t() @ x, grad_y.t() @ a
+        need_x, need_up, need_down = ctx.needs_input_grad  # TTT's frozen blocks need no weight gradients
+        return (grad_h @ w_up if need_x else None, grad_h.t() @ x if need_up else None,
+                grad_y.t() @ a if need_down else None)
 
 
 class MLP(nn.Module):

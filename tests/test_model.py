@@ -182,10 +182,18 @@ def run(dtype, fused):  # fused=None: as FUSED_MLP built it
 
 got = run(torch.bfloat16, None)
 n_fused = len(calls)
+mlp.zero_grad(set_to_none=True)
+mlp.requires_grad_(False)  # a frozen block (TTT): only the input gradient, and the same one
+xf = x.bfloat16().requires_grad_()
+mlp(xf).backward(g.bfloat16())
+frozen_ok = mlp.up.weight.grad is None and torch.equal(xf.grad.double(), got[1])
+mlp.requires_grad_(True)
+calls.clear()
 plain = run(torch.bfloat16, False)
 ref = run(torch.float64, False)
 err = lambda u: [((a - r).norm() / r.norm()).item() for a, r in zip(u, ref)]
-print(json.dumps({"fused": err(got), "plain_bf16": err(plain), "fused_calls": n_fused, "plain_calls": len(calls) - n_fused}))
+print(json.dumps({"fused": err(got), "plain_bf16": err(plain), "fused_calls": n_fused, "plain_calls": len(calls),
+                  "frozen_ok": frozen_ok}))
 """
 
 
@@ -208,6 +216,7 @@ def test_fused_mlp_kernels_match_the_plain_mlp():
     pytest.importorskip("triton")
     r = run_fused_mlp_check(1)
     assert r["fused_calls"] == 1 and r["plain_calls"] == 0  # the fused path really ran, and only when asked
+    assert r["frozen_ok"]
     for fused, plain in zip(r["fused"], r["plain_bf16"]):
         assert plain < 0.01 and fused < 0.02, r
 
