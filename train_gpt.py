@@ -462,14 +462,18 @@ class QATLinear(nn.Module):
         self.alphabet = alphabet
         self.quantized = True
 
-    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+    def weight_as(self, dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight the matmul sees, optionally times a per-output-row scale: scale * (W x) as (scale * W) x
+        costs a pass over the weight instead of two over the activations (one each way)."""
         w = self.weight
         if self.quantized:  # value: exactly the dequantized weight; gradient: straight through to w
             w = dequantize_rows(*quantize_rows(w.detach(), self.alphabet), self.alphabet) + (w - w.detach())
+        if row_scale is not None:
+            w = w * row_scale.float()[:, None]
         return w.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_as(x.dtype))
+    def forward(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight_as(x.dtype, row_scale))
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -500,10 +504,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.transpose(1, 2)
 
 
-def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def xsa(y: torch.Tensor, v: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """XSA: drop from each head's output its component along its own value vector.
     y [B,T,KV,G,D] (G query heads share a KV head), v [B,T,KV,D]."""
-    vn = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
+    v = v.to(y.dtype)
+    G, D = y.shape[-2:]
+    if fused and (y.is_cuda or TRITON_ON_CPU) and y.dtype == torch.bfloat16 and G & (G - 1) == 0 and D & (D - 1) == 0:
+        return FusedXSA.apply(y, v)
+    vn = F.normalize(v, dim=-1).unsqueeze(3)
     return y - (y * vn).sum(-1, keepdim=True) * vn
 
 
@@ -516,12 +524,14 @@ class Attention(nn.Module):
         self.c_v, self.proj = QATLinear(dim, kv_dim, INT5), QATLinear(dim, dim, INT5)
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5]))  # value residual (unused by layer 0)
+        self.fused = bool(cfg.fused_mlp) and triton is not None
 
-    def forward(self, x, rope, v0, ve):
+    def forward(self, x, rope, v0, ve, out_scale=None):
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.h, self.hd)
-        k = self.c_k(x).view(B, T, self.kv, self.hd)
-        v = self.c_v(x)
+        # One matmul for q, k and v: one read of x, and one gradient matmul backward instead of three plus a sum.
+        w = torch.cat([lin.weight_as(x.dtype) for lin in (self.c_q, self.c_k, self.c_v)])
+        q, k, v = F.linear(x, w).split((self.c_q.weight.size(0), self.c_k.weight.size(0), self.c_v.weight.size(0)), -1)
+        q, k = q.view(B, T, self.h, self.hd), k.view(B, T, self.kv, self.hd)
         if ve is not None:
             v = v + ve.to(x.dtype)
         raw_v = v = v.view(B, T, self.kv, self.hd)
@@ -530,8 +540,8 @@ class Attention(nn.Module):
             v = lam[0] * v0 + lam[1] * v
         q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = xsa(causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd), v)
-        return self.proj(y.reshape(B, T, -1)), raw_v
+        y = xsa(causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd), v, self.fused)
+        return self.proj(y.reshape(B, T, -1), out_scale), raw_v
 
 
 if triton is not None:
@@ -608,6 +618,67 @@ if triton is not None:
         return grad_h
 
 
+    @triton.jit
+    def xsa_kernel(y_ptr, v_ptr, go_ptr, out_ptr, gv_ptr, R, GRAD: tl.constexpr, G: tl.constexpr,
+                   D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """XSA over rows r = (token, KV head): v[r] is [D], y[r] the [G, D] outputs of the heads sharing it.
+        GRAD=0: out = y - (y.vn) vn with vn = v / max(|v|, eps). GRAD=1: given go, the gradient at out,
+        out = gradient at y and gv = gradient at v (through the normalization). fp32 math; I/O in the tensors' dtype."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = r < R
+        d = tl.arange(0, D)
+        v = tl.load(v_ptr + r[:, None] * D + d[None, :], mask=ok[:, None]).to(tl.float32)
+        y_off = r[:, None, None] * (G * D) + tl.arange(0, G)[None, :, None] * D + d[None, None, :]
+        y = tl.load(y_ptr + y_off, mask=ok[:, None, None]).to(tl.float32)
+        norm = tl.sqrt(tl.sum(v * v, 1))
+        inv = 1.0 / tl.maximum(norm, 1e-12)  # F.normalize's eps
+        vn = (v * inv[:, None])[:, None, :]
+        s = tl.sum(y * vn, 2)[:, :, None]
+        if GRAD:
+            go = tl.load(go_ptr + y_off, mask=ok[:, None, None]).to(tl.float32)
+            t = tl.sum(go * vn, 2)[:, :, None]
+            tl.store(out_ptr + y_off, (go - t * vn).to(out_ptr.dtype.element_ty), mask=ok[:, None, None])
+            gvn = -tl.sum(s * go + t * y, 1)
+            vn = tl.reshape(vn, (BLOCK_R, D))
+            proj = tl.where(norm[:, None] > 1e-12, tl.sum(gvn * vn, 1)[:, None] * vn, 0.0)  # clamped: none
+            tl.store(gv_ptr + r[:, None] * D + d[None, :], ((gvn - proj) * inv[:, None]).to(gv_ptr.dtype.element_ty),
+                     mask=ok[:, None])
+        else:
+            tl.store(out_ptr + y_off, (y - s * vn).to(out_ptr.dtype.element_ty), mask=ok[:, None, None])
+
+    def launch_xsa_kernel(y, v, go, out, gv, grad: bool):
+        G, D = y.shape[-2:]
+        R, block = v.numel() // D, 64
+        torch.library.wrap_triton(xsa_kernel)[(triton.cdiv(R, block),)](
+            y, v, go, out, gv, R, GRAD=grad, G=G, D=D, BLOCK_R=block, num_warps=4)
+
+    @torch.library.triton_op("hqgpt::xsa_fwd", mutates_args=())
+    def xsa_fwd(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(y)
+        launch_xsa_kernel(y, v, y, out, v, False)
+        return out
+
+    @torch.library.triton_op("hqgpt::xsa_bwd", mutates_args=())
+    def xsa_bwd(go: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gy, gv = torch.empty_like(y), torch.empty_like(v)
+        launch_xsa_kernel(y, v, go, gy, gv, True)
+        return gy, gv
+
+
+class FusedXSA(torch.autograd.Function):
+    """xsa() in one Triton pass each way (bf16, contiguous): inductor spread its backward over five kernels."""
+
+    @staticmethod
+    def forward(ctx, y, v):
+        y, v = y.contiguous(), v.contiguous()
+        ctx.save_for_backward(y, v)  # the attention saves both anyway
+        return xsa_fwd(y, v)
+
+    @staticmethod
+    def backward(ctx, go):
+        return xsa_bwd(go.contiguous(), *ctx.saved_tensors)
+
+
 class FusedMLP(torch.autograd.Function):
     """down(leaky_relu(up(x), 0.5)^2) on 2-D bf16 tensors. Same products as the unfused MLP, but the
     activation rides in the up-projection's epilogue and its derivative in the epilogue of the matmul that
@@ -644,12 +715,12 @@ class MLP(nn.Module):
                                              torch.get_autocast_dtype(dev) == torch.bfloat16)
         return bf16 and x[..., 0].numel() % 128 == 0 and self.up.weight.size(0) % 128 == 0 and x.size(-1) % 64 == 0
 
-    def forward(self, x):
+    def forward(self, x, out_scale=None):
         if self.fused_applies(x):
             bf = torch.bfloat16
-            y = FusedMLP.apply(x.reshape(-1, x.size(-1)).to(bf), self.up.weight_as(bf), self.down.weight_as(bf))
+            y = FusedMLP.apply(x.reshape(-1, x.size(-1)).to(bf), self.up.weight_as(bf), self.down.weight_as(bf, out_scale))
             return y.view(*x.shape[:-1], -1)
-        return self.down(F.leaky_relu(self.up(x), 0.5).square())
+        return self.down(F.leaky_relu(self.up(x), 0.5).square(), out_scale)
 
 
 class Block(nn.Module):
@@ -664,9 +735,9 @@ class Block(nn.Module):
     def forward(self, x, x0, rope, v0, ve):
         mix, dt = self.resid_mix.to(x.dtype), x.dtype  # fp32 scales would promote a bf16 stream back to fp32
         x = mix[0] * x + mix[1] * x0
-        a, raw_v = self.attn(rms_norm(x) * self.ln_scale, rope, v0, ve)
-        x = x + self.attn_scale.to(dt) * a.to(dt)
-        x = x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * self.ln_scale).to(dt)
+        a, raw_v = self.attn(rms_norm(x) * self.ln_scale, rope, v0, ve, self.attn_scale)
+        x = x + a.to(dt)
+        x = x + self.mlp(rms_norm(x) * self.ln_scale, self.mlp_scale).to(dt)
         return x, raw_v
 
 
@@ -897,9 +968,11 @@ class Optimizers:
         if d.world > 1:
             dist.all_reduce(aflat)
             aflat.div_(d.world)
-        sq = d.all_reduce(mgrad.square().sum()) + aflat.square().sum()
+        # fp64 sums: the clip coefficient must not depend on how the ranks shard the gradient (in fp32 its last
+        # bit did, and bf16 Newton-Schulz amplifies one bit into 1e-4 weight differences within 4 steps)
+        sq = d.all_reduce(mgrad.double().square().sum()) + aflat.double().square().sum()
         if c.grad_clip_norm > 0:
-            coef = (c.grad_clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            coef = (c.grad_clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0).float()
             mgrad.mul_(coef)
             aflat.mul_(coef)
         offsets = np.cumsum([0] + [p.numel() for p in self.adam_params])

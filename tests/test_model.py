@@ -169,23 +169,24 @@ torch.nn.init.normal_(mlp.up.weight, std=0.15)
 torch.nn.init.normal_(mlp.down.weight, std=0.1)
 x = torch.randn(2, 128, 64)
 g = torch.randn(2, 128, 64)
+scale = 1 + 0.5 * torch.randn(64)  # the block's mlp_scale, folded into the down weight's rows
 
 def run(dtype, fused):  # fused=None: as FUSED_MLP built it
     m = mlp.to(dtype)
     m.fused = m.fused if fused is None else fused
-    xi = x.to(dtype).requires_grad_()
+    xi, si = x.to(dtype).requires_grad_(), scale.to(dtype).requires_grad_()
     for p in m.parameters():
         p.grad = None
-    y = m(xi)
+    y = m(xi, si)
     y.backward(g.to(dtype))
-    return [t.double() for t in (y.detach(), xi.grad, m.up.weight.grad, m.down.weight.grad)]
+    return [t.double() for t in (y.detach(), xi.grad, m.up.weight.grad, m.down.weight.grad, si.grad)]
 
 got = run(torch.bfloat16, None)
 n_fused = len(calls)
 mlp.zero_grad(set_to_none=True)
 mlp.requires_grad_(False)  # a frozen block (TTT): only the input gradient, and the same one
 xf = x.bfloat16().requires_grad_()
-mlp(xf).backward(g.bfloat16())
+mlp(xf, scale.bfloat16()).backward(g.bfloat16())
 frozen_ok = mlp.up.weight.grad is None and torch.equal(xf.grad.double(), got[1])
 mlp.requires_grad_(True)
 calls.clear()
@@ -211,7 +212,7 @@ def run_fused_mlp_check(fused_mlp: int) -> dict:
 
 def test_fused_mlp_kernels_match_the_plain_mlp():
     """The Triton kernels (run by Triton's CPU interpreter) through the real MLP module, QAT weights included:
-    output and all three gradients within bf16 rounding of an fp64 reference, like the unfused bf16 MLP.
+    output and all four gradients (input, both weights, folded output scale) within bf16 rounding of an fp64 reference, like the unfused bf16 MLP.
     The interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest), hence up to ~2x its error."""
     pytest.importorskip("triton")
     r = run_fused_mlp_check(1)
@@ -219,6 +220,60 @@ def test_fused_mlp_kernels_match_the_plain_mlp():
     assert r["frozen_ok"]
     for fused, plain in zip(r["fused"], r["plain_bf16"]):
         assert plain < 0.01 and fused < 0.02, r
+
+
+XSA_CHECK = r"""
+import json, torch
+import train_gpt as tg
+calls = []
+apply = tg.FusedXSA.apply
+tg.FusedXSA.apply = lambda *a: calls.append(1) or apply(*a)
+torch.manual_seed(0)
+y, v, go = torch.randn(2, 64, 2, 2, 64), torch.randn(2, 64, 2, 64), torch.randn(2, 64, 2, 2, 64)
+v[0, 3, 1] *= 1e-14  # |v| below F.normalize's eps: the clamped branch, whose gradient has no projection
+
+def run(dtype, fused):
+    yi, vi = y.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()
+    out = tg.xsa(yi, vi, fused)
+    out.backward(go.to(dtype))
+    return [t.double() for t in (out.detach(), yi.grad, vi.grad)]
+
+ref = run(torch.float64, False)
+def err(u):  # relative errors of out, grad y, grad v (normal rows), grad v (the clamped row)
+    e = [((a - r).norm() / r.norm()).item() for a, r in zip(u, ref)]
+    keep = torch.ones(2, 64, 2, dtype=torch.bool)
+    keep[0, 3, 1] = False
+    e[2] = ((u[2][keep] - ref[2][keep]).norm() / ref[2][keep].norm()).item()
+    return e + [((u[2][0, 3, 1] - ref[2][0, 3, 1]).norm() / ref[2][0, 3, 1].norm()).item()]
+
+fused = err(run(torch.bfloat16, True))
+n_fused = len(calls)
+yi, vi = y.clone().requires_grad_(), v.clone().requires_grad_()  # the kernel's math alone: fp32 in and out
+out = apply(yi, vi)
+out.backward(go)
+fp32 = err([t.double() for t in (out.detach(), yi.grad, vi.grad)])
+print(json.dumps({"fused": fused, "plain_bf16": err(run(torch.bfloat16, False)), "fused_calls": n_fused,
+                  "calls": len(calls), "fp32": fp32}))
+"""
+
+
+def test_fused_xsa_kernel_matches_the_plain_xsa():
+    """XSA's Triton kernels (CPU interpreter) against fp64: output and both gradients, a row whose value vector
+    is below the normalization's eps included; in bf16 within bf16 rounding (interpreter: ~2x, see above),
+    and with fp32 tensors (the kernel's math alone) within fp32 rounding."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(tg.Path(tg.__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", XSA_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["fused_calls"] == 1 and r["calls"] == 1  # the kernel ran, and only when asked
+    for fused, plain in zip(r["fused"], r["plain_bf16"]):
+        assert plain < 0.01 and fused < 0.02, r
+    assert max(r["fp32"]) < 1e-5, r
 
 
 def test_fused_mlp_flag_off_takes_the_plain_path():
