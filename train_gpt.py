@@ -36,13 +36,7 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attn
 except ImportError:
     fa3_attn = None
-try:  # Triton: the fused MLP kernels on GPUs (TRITON_INTERPRET=1 runs them on CPU, for the tests)
-    import triton
-    import triton.language as tl
-    assert hasattr(torch.library, "triton_op")  # torch >= 2.6
-except (ImportError, AssertionError):
-    triton = None
-TRITON_ON_CPU = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+from fused_kernels import TRITON_ON_CPU, FusedAttnInputs, FusedMLP, FusedXSA, triton  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -98,7 +92,7 @@ class Config:
     # runtime
     compile: int = 1
     compile_warmup_steps: int = 3
-    fused_mlp: int = 1  # CUDA + Triton: LeakyReLU² fused into the MLP matmuls (0: inductor's separate kernels)
+    fused_kernels: int = 1  # CUDA + Triton: the hand-written kernels of fused_kernels.py (0: inductor alone)
     log_every: int = 200
     val_every: int = 0
     save_every: int = 0
@@ -515,6 +509,17 @@ def xsa(y: torch.Tensor, v: torch.Tensor, fused: bool = False) -> torch.Tensor:
     return y - (y * vn).sum(-1, keepdim=True) * vn
 
 
+def attn_inputs(qkv, cos, sin, gain, ve, heads: int, kv_heads: int):
+    """q, k, v [B,T,n,D] from the q/k/v matmul's output: q and k RMS-normalized and rotated, q scaled by its
+    per-head gain; v plus the value embedding where the layer has one."""
+    B, T, C = qkv.shape
+    D = C // (heads + 2 * kv_heads)
+    q, k, v = qkv.view(B, T, -1, D).split((heads, kv_heads, kv_heads), 2)
+    v = v if ve is None else v + ve.view_as(v)
+    q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
+    return q * gain.to(q.dtype)[None, None, :, None], k, v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -524,179 +529,23 @@ class Attention(nn.Module):
         self.c_v, self.proj = QATLinear(dim, kv_dim, INT5), QATLinear(dim, dim, INT5)
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5]))  # value residual (unused by layer 0)
-        self.fused = bool(cfg.fused_mlp) and triton is not None
+        self.fused = bool(cfg.fused_kernels) and triton is not None
 
     def forward(self, x, rope, v0, ve, out_scale=None):
         B, T, _ = x.shape
         # One matmul for q, k and v: one read of x, and one gradient matmul backward instead of three plus a sum.
         w = torch.cat([lin.weight_as(x.dtype) for lin in (self.c_q, self.c_k, self.c_v)])
-        q, k, v = F.linear(x, w).split((self.c_q.weight.size(0), self.c_k.weight.size(0), self.c_v.weight.size(0)), -1)
-        q, k = q.view(B, T, self.h, self.hd), k.view(B, T, self.kv, self.hd)
-        if ve is not None:
-            v = v + ve.to(x.dtype)
-        raw_v = v = v.view(B, T, self.kv, self.hd)
+        qkv = F.linear(x, w)
+        ve = None if ve is None else ve.to(qkv.dtype)
+        fused = self.fused and (qkv.is_cuda or TRITON_ON_CPU) and qkv.dtype == torch.bfloat16 and self.hd & (self.hd - 1) == 0
+        q, k, v = (FusedAttnInputs.apply if fused else attn_inputs)(qkv, *rope, self.q_gain, ve, self.h, self.kv)
+        raw_v = v
         if v0 is not None:
             lam = self.vr_lambda.to(x.dtype)
             v = lam[0] * v0 + lam[1] * v
-        q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = xsa(causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd), v, self.fused)
         return self.proj(y.reshape(B, T, -1), out_scale), raw_v
 
-
-if triton is not None:
-    @triton.jit
-    def grouped_tile(t, n_m, n_n, GROUP_M: tl.constexpr):
-        """Tile t's (row, column) block: GROUP_M row-blocks in a row share B's column-blocks while in L2."""
-        group = t // (GROUP_M * n_n)
-        rows = min(n_m - group * GROUP_M, GROUP_M)
-        return group * GROUP_M + (t % (GROUP_M * n_n)) % rows, (t % (GROUP_M * n_n)) // rows
-
-    @triton.jit
-    def mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD: tl.constexpr):
-        """acc = the matmul's fp32 tile, rounded to bf16 as a matmul would store it; then
-        GRAD=0: h = acc and out = leaky_relu(h, 0.5)^2; GRAD=1: out = acc * d/dh leaky_relu(h, 0.5)^2 (h read)."""
-        c = acc.to(tl.bfloat16).to(tl.float32)
-        off = rm[:, None] * N + rn[None, :]
-        if GRAD:
-            h = tl.load(h_ptr + off).to(tl.float32)
-            tl.store(out_ptr + off, (c * h * tl.where(h > 0, 2.0, 0.5)).to(tl.bfloat16))
-        else:
-            act = tl.where(c > 0, c, 0.5 * c)
-            tl.store(h_ptr + off, c.to(tl.bfloat16))
-            tl.store(out_ptr + off, (act * act).to(tl.bfloat16))
-
-    @triton.jit
-    def mlp_act_mm_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, GRAD: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          INTERPRET: tl.constexpr):
-        """One BLOCK_M x BLOCK_N tile of A @ B (fp32 accumulation) through mlp_act_epilogue. M, N, K must be
-        multiples of the blocks (the caller checks); h and out are row-major M x N."""
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M // BLOCK_M, N // BLOCK_N, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        a = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
-        b = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K, BLOCK_K):
-            ta, tb = tl.load(a), tl.load(b)
-            if INTERPRET:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers; fp32 is exact
-                ta, tb = ta.to(tl.float32), tb.to(tl.float32)
-            acc = tl.dot(ta, tb, acc)
-            a += BLOCK_K * s_ak
-            b += BLOCK_K * s_bk
-        mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD)
-
-    def mlp_kernel_blocks(device: torch.device) -> dict:
-        # H100: the fastest of 15 configurations in bench/experiments/fused_mlp.py. Ampere (RTX 3090) has
-        # about 99 KB of shared memory per block, so half-depth K tiles there (not measured on Ampere).
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
-
-    def launch_mlp_kernel(a, b, h, out, grad: bool, blocks: dict):
-        (M, K), N = a.shape, b.size(1)
-        grid = ((M // blocks["BLOCK_M"]) * (N // blocks["BLOCK_N"]),)
-        torch.library.wrap_triton(mlp_act_mm_kernel)[grid](
-            a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), GRAD=grad,
-            INTERPRET=a.device.type == "cpu", **blocks)
-
-    @torch.library.triton_op("hqgpt::mlp_up_act", mutates_args=())
-    def mlp_up_act(x: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h = x @ w_up.T and a = leaky_relu(h, 0.5)^2 in one pass."""
-        h = x.new_empty(x.size(0), w_up.size(0))
-        a = torch.empty_like(h)
-        launch_mlp_kernel(x, w_up.t(), h, a, False, mlp_kernel_blocks(x.device))
-        return h, a
-
-    @torch.library.triton_op("hqgpt::mlp_act_grad", mutates_args=())
-    def mlp_act_grad(grad_y: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Gradient at h: (grad_y @ w_down) * d/dh leaky_relu(h, 0.5)^2 in one pass."""
-        grad_h = torch.empty_like(h)
-        launch_mlp_kernel(grad_y, w_down, h, grad_h, True, mlp_kernel_blocks(h.device))
-        return grad_h
-
-
-    @triton.jit
-    def xsa_kernel(y_ptr, v_ptr, go_ptr, out_ptr, gv_ptr, R, GRAD: tl.constexpr, G: tl.constexpr,
-                   D: tl.constexpr, BLOCK_R: tl.constexpr):
-        """XSA over rows r = (token, KV head): v[r] is [D], y[r] the [G, D] outputs of the heads sharing it.
-        GRAD=0: out = y - (y.vn) vn with vn = v / max(|v|, eps). GRAD=1: given go, the gradient at out,
-        out = gradient at y and gv = gradient at v (through the normalization). fp32 math; I/O in the tensors' dtype."""
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        ok = r < R
-        d = tl.arange(0, D)
-        v = tl.load(v_ptr + r[:, None] * D + d[None, :], mask=ok[:, None]).to(tl.float32)
-        y_off = r[:, None, None] * (G * D) + tl.arange(0, G)[None, :, None] * D + d[None, None, :]
-        y = tl.load(y_ptr + y_off, mask=ok[:, None, None]).to(tl.float32)
-        norm = tl.sqrt(tl.sum(v * v, 1))
-        inv = 1.0 / tl.maximum(norm, 1e-12)  # F.normalize's eps
-        vn = (v * inv[:, None])[:, None, :]
-        s = tl.sum(y * vn, 2)[:, :, None]
-        if GRAD:
-            go = tl.load(go_ptr + y_off, mask=ok[:, None, None]).to(tl.float32)
-            t = tl.sum(go * vn, 2)[:, :, None]
-            tl.store(out_ptr + y_off, (go - t * vn).to(out_ptr.dtype.element_ty), mask=ok[:, None, None])
-            gvn = -tl.sum(s * go + t * y, 1)
-            vn = tl.reshape(vn, (BLOCK_R, D))
-            proj = tl.where(norm[:, None] > 1e-12, tl.sum(gvn * vn, 1)[:, None] * vn, 0.0)  # clamped: none
-            tl.store(gv_ptr + r[:, None] * D + d[None, :], ((gvn - proj) * inv[:, None]).to(gv_ptr.dtype.element_ty),
-                     mask=ok[:, None])
-        else:
-            tl.store(out_ptr + y_off, (y - s * vn).to(out_ptr.dtype.element_ty), mask=ok[:, None, None])
-
-    def launch_xsa_kernel(y, v, go, out, gv, grad: bool):
-        G, D = y.shape[-2:]
-        R, block = v.numel() // D, 64
-        torch.library.wrap_triton(xsa_kernel)[(triton.cdiv(R, block),)](
-            y, v, go, out, gv, R, GRAD=grad, G=G, D=D, BLOCK_R=block, num_warps=4)
-
-    @torch.library.triton_op("hqgpt::xsa_fwd", mutates_args=())
-    def xsa_fwd(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(y)
-        launch_xsa_kernel(y, v, y, out, v, False)
-        return out
-
-    @torch.library.triton_op("hqgpt::xsa_bwd", mutates_args=())
-    def xsa_bwd(go: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gy, gv = torch.empty_like(y), torch.empty_like(v)
-        launch_xsa_kernel(y, v, go, gy, gv, True)
-        return gy, gv
-
-
-class FusedXSA(torch.autograd.Function):
-    """xsa() in one Triton pass each way (bf16, contiguous): inductor spread its backward over five kernels."""
-
-    @staticmethod
-    def forward(ctx, y, v):
-        y, v = y.contiguous(), v.contiguous()
-        ctx.save_for_backward(y, v)  # the attention saves both anyway
-        return xsa_fwd(y, v)
-
-    @staticmethod
-    def backward(ctx, go):
-        return xsa_bwd(go.contiguous(), *ctx.saved_tensors)
-
-
-class FusedMLP(torch.autograd.Function):
-    """down(leaky_relu(up(x), 0.5)^2) on 2-D bf16 tensors. Same products as the unfused MLP, but the
-    activation rides in the up-projection's epilogue and its derivative in the epilogue of the matmul that
-    produces the hidden gradient: two fewer full passes over the 4x-wide hidden activations each way."""
-
-    @staticmethod
-    def forward(ctx, x, w_up, w_down):
-        h, a = mlp_up_act(x, w_up)
-        ctx.save_for_backward(x, w_up, w_down, h, a)
-        return a @ w_down.t()
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, w_up, w_down, h, a = ctx.saved_tensors
-        grad_h = mlp_act_grad(grad_y, w_down, h)
-        need_x, need_up, need_down = ctx.needs_input_grad  # TTT's frozen blocks need no weight gradients
-        return (grad_h @ w_up if need_x else None, grad_h.t() @ x if need_up else None,
-                grad_y.t() @ a if need_down else None)
 
 
 class MLP(nn.Module):
@@ -704,7 +553,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = math.ceil(cfg.mlp_mult * cfg.model_dim / 64) * 64
         self.up, self.down = QATLinear(cfg.model_dim, hidden, PENT), QATLinear(hidden, cfg.model_dim, INT4)
-        self.fused = bool(cfg.fused_mlp) and triton is not None
+        self.fused = bool(cfg.fused_kernels) and triton is not None
 
     def fused_applies(self, x: torch.Tensor) -> bool:
         # Block sizes divide these for every GPU (mlp_kernel_blocks); other shapes take the unfused path.
@@ -1209,7 +1058,7 @@ def check_ranks_agree(model: GPT, d: Dist, step: int, log: Log) -> None:
 
 ARTIFACT_MAGIC = b"HQGPT61\x00"
 SIZE_CAP = 16_000_000
-CODE_FILES = ("train_gpt.py", "rans_codec.py")  # what the artifact's decoder needs, counted as code
+CODE_FILES = ("train_gpt.py", "fused_kernels.py", "rans_codec.py")  # what the artifact's decoder needs, counted as code
 MAX_PAYLOAD = 1 << 30  # refuse to decompress beyond this (a hostile file could otherwise fill memory)
 GROUP_NAMES = {INT6: "int6 q/k", INT5: "int5 v/o", INT4: "int4 mlp-down", PENT: "pent mlp-up"}
 

@@ -1,7 +1,7 @@
 """Training throughput per preset: compile seconds, steady-state ms/step, tokens/s, FLOPs/token, utilization,
 peak memory; the paths below side by side in one process:
   compiled   what train_gpt.py runs: torch.compile, bf16 residual stream, fused MLP kernels
-  unfused    the same without the fused MLP kernels (FUSED_MLP=0)
+  unfused    the same without the hand-written Triton kernels (fused_kernels.py) (FUSED_KERNELS=0)
   mb48       the same with micro-batches of 48 sequences (MICRO_BATCH_SEQS=48; the default is up to 96)
   eager      the plain path: no torch.compile, no fused MLP kernels, micro-batches of 48
 
@@ -51,8 +51,8 @@ def setup(preset: str, data_path: str, compile_mode: str | None = None, **flags)
     return d, cfg, model, fwd, tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
 
 
-PATHS = {"compiled": {}, "unfused": dict(fused_mlp=0), "mb48": dict(micro_batch_seqs=48),
-         "eager": dict(compile=0, fused_mlp=0, micro_batch_seqs=48)}
+PATHS = {"compiled": {}, "unfused": dict(fused_kernels=0), "mb48": dict(micro_batch_seqs=48),
+         "eager": dict(compile=0, fused_kernels=0, micro_batch_seqs=48)}
 
 
 def bench(preset: str, path: str, steps: int, data_path: str, peak_tflops: float) -> dict:

@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt as tg  # noqa: E402
 from bench_train import setup  # noqa: E402
 
-PATHS = {"plain": dict(compile=0, residual_dtype="fp32", fused_mlp=0, micro_batch_seqs=48),
-         "compiled-fp32": dict(compile=1, residual_dtype="fp32", fused_mlp=0),
-         "fast": dict(compile=1, residual_dtype="bf16", fused_mlp=1)}
+PATHS = {"plain": dict(compile=0, residual_dtype="fp32", fused_kernels=0, micro_batch_seqs=48),
+         "compiled-fp32": dict(compile=1, residual_dtype="fp32", fused_kernels=0),
+         "fast": dict(compile=1, residual_dtype="bf16", fused_kernels=1)}
 
 
 def losses(path: str, steps: int, data_path: str, preset: str) -> list[float]:

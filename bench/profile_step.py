@@ -51,6 +51,9 @@ def attention_variants(B=48, T=2048, H=8, KV=4, D=64):
         print(f"  {n:<24} {t} ms")
 
 
+OUR_KERNELS = ("mlp_act_mm", "xsa_kernel", "qk_inputs_kernel", "copy_cols_kernel")  # fused_kernels.py
+
+
 def gpu_idle(prof, show=12):
     """Gaps between GPU activities of the profiled step: time the GPU waited for the host to launch work."""
     ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
@@ -89,12 +92,12 @@ def profile(data_path, top):
     print(f"top {top} GPU kernels of one step (ms, calls):")
     for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {t:8.2f} {n:5d}  {name[:150]}")
-    cats = {"matmul": 0.0, "attention": 0.0, "fused MLP matmul": 0.0, "triton fused": 0.0, "other": 0.0}
+    cats = {"matmul": 0.0, "attention": 0.0, "fused_kernels.py": 0.0, "triton fused": 0.0, "other": 0.0}
     for name, (t, _) in kernels.items():
         k = name.lower()
         cat = ("attention" if any(w in k for w in ("sdpa", "attention", "flash", "fmha", "cudnn")) else
                "matmul" if any(w in k for w in ("nvjet", "gemm", "cutlass", "sm90_xmma")) else
-               "fused MLP matmul" if k.startswith("mlp_act_mm") else
+               "fused_kernels.py" if k.startswith(OUR_KERNELS) else
                "triton fused" if k.startswith("triton") else "other")
         cats[cat] += t
     total = sum(cats.values())

@@ -162,7 +162,7 @@ assert tg.TRITON_ON_CPU
 calls = []
 apply = tg.FusedMLP.apply
 tg.FusedMLP.apply = lambda *a: calls.append(1) or apply(*a)
-cfg = tg.build_config("smoke", flags=dict(model_dim=64, mlp_mult=4.0, fused_mlp=int(sys.argv[1])), env={})
+cfg = tg.build_config("smoke", flags=dict(model_dim=64, mlp_mult=4.0, fused_kernels=int(sys.argv[1])), env={})
 torch.manual_seed(0)
 mlp = tg.MLP(cfg)
 torch.nn.init.normal_(mlp.up.weight, std=0.15)
@@ -171,7 +171,7 @@ x = torch.randn(2, 128, 64)
 g = torch.randn(2, 128, 64)
 scale = 1 + 0.5 * torch.randn(64)  # the block's mlp_scale, folded into the down weight's rows
 
-def run(dtype, fused):  # fused=None: as FUSED_MLP built it
+def run(dtype, fused):  # fused=None: as FUSED_KERNELS built it
     m = mlp.to(dtype)
     m.fused = m.fused if fused is None else fused
     xi, si = x.to(dtype).requires_grad_(), scale.to(dtype).requires_grad_()
@@ -274,6 +274,51 @@ def test_fused_xsa_kernel_matches_the_plain_xsa():
     for fused, plain in zip(r["fused"], r["plain_bf16"]):
         assert plain < 0.01 and fused < 0.02, r
     assert max(r["fp32"]) < 1e-5, r
+
+
+ATTN_INPUTS_CHECK = r"""
+import json, torch
+import train_gpt as tg
+torch.manual_seed(0)
+B, T, H, KV, D, rope_dims = 2, 48, 4, 2, 32, 8
+qkv, ve = torch.randn(B, T, (H + 2 * KV) * D), torch.randn(B, T, KV * D)
+gain = torch.tensor([1.5, 0.7, 2.0, 1.1])
+gs = [torch.randn(B, T, n, D) for n in (H, KV, KV)]
+cos, sin = tg.rope_tables(T, rope_dims, "cpu")
+
+def run(fn, dtype, with_ve):
+    ins = [t.to(dtype).clone().requires_grad_() for t in (qkv, gain, ve)]
+    outs = fn(ins[0], cos, sin, ins[1], ins[2] if with_ve else None, H, KV)
+    sum((o * g.to(dtype)).sum() for o, g in zip(outs, gs)).backward()
+    return [t.double() for t in [*outs, *(i.grad for i in ins[:3 if with_ve else 2])]]
+
+res = {}
+for with_ve in (True, False):
+    ref = run(tg.attn_inputs, torch.float64, with_ve)
+    for name, fn, dt in (("fp32", tg.FusedAttnInputs.apply, torch.float32), ("fused", tg.FusedAttnInputs.apply, torch.bfloat16),
+                         ("plain_bf16", tg.attn_inputs, torch.bfloat16)):
+        u = run(fn, dt, with_ve)
+        res.setdefault(name, []).extend(((a - r).norm() / r.norm()).item() for a, r in zip(u, ref))
+print(json.dumps(res))
+"""
+
+
+def test_fused_attn_inputs_kernel_matches_the_plain_path():
+    """q/k RMSNorm + RoPE + gain and v + value embedding (Triton, CPU interpreter) against attn_inputs() in fp64:
+    q, k, v and the gradients at qkv, the gains and the value embedding; with and without a value embedding.
+    fp32 tensors check the kernel's math alone (fp32 rounding); bf16 within bf16 rounding (interpreter: ~2x)."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(tg.Path(tg.__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", ATTN_INPUTS_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert max(r["fp32"]) < 1e-5, r
+    for fused, plain in zip(r["fused"], r["plain_bf16"]):
+        assert plain < 0.01 and fused < 0.02, r
 
 
 def test_fused_mlp_flag_off_takes_the_plain_path():

@@ -1,4 +1,4 @@
-"""Hand-written fused MLP kernels (train_gpt.mlp_act_mm_kernel) against cuBLAS + inductor's elementwise kernel,
+"""Hand-written fused MLP kernels (fused_kernels.mlp_act_mm_kernel) against cuBLAS + inductor's elementwise kernel,
 at the h100 micro-batch shape (98,304 tokens, 512 -> 2048 -> 512, bf16), in one process:
   1. block-size sweep of the kernel in both modes (up-projection + activation; hidden gradient) vs the unfused pair,
      and of a persistent variant (one program per SM looping over tiles, so a tile's epilogue can overlap the
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import train_gpt as tg  # noqa: E402
+import fused_kernels as fk  # noqa: E402
 from mlp_fusion import timed  # noqa: E402
 
 SWEEP = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
@@ -27,7 +27,7 @@ def persistent_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s
                       NUM_SMS: tl.constexpr):
     n_m, n_n = M // BLOCK_M, N // BLOCK_N
     for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=True):
-        pid_m, pid_n = tg.grouped_tile(tile, n_m, n_n, GROUP_M)
+        pid_m, pid_n = fk.grouped_tile(tile, n_m, n_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -36,7 +36,7 @@ def persistent_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s
             ta = tl.load(a_ptr + rm[:, None] * s_am + (k + rk[None, :]) * s_ak)
             tb = tl.load(b_ptr + (k + rk[:, None]) * s_bk + rn[None, :] * s_bn)
             acc = tl.dot(ta, tb, acc)
-        tg.mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD)
+        fk.mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD)
 
 
 def launch(kind, a, b, h, out, grad, blocks):
@@ -44,7 +44,7 @@ def launch(kind, a, b, h, out, grad, blocks):
     tiles = (M // blocks["BLOCK_M"]) * (N // blocks["BLOCK_N"])
     args = (a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
     if kind == "tiled":
-        tg.mlp_act_mm_kernel[(tiles,)](*args, GRAD=grad, INTERPRET=False, **blocks)
+        fk.mlp_act_mm_kernel[(tiles,)](*args, GRAD=grad, INTERPRET=False, **blocks)
     else:
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
         persistent_kernel[(min(sms, tiles),)](*args, GRAD=grad, NUM_SMS=sms, **blocks)
@@ -72,7 +72,7 @@ def plain_mlp(x, w_up, w_down):
 
 
 def fused_mlp(x, w_up, w_down):
-    return tg.FusedMLP.apply(x, w_up, w_down)
+    return fk.FusedMLP.apply(x, w_up, w_down)
 
 
 def main():
@@ -83,7 +83,7 @@ def main():
     w_down = torch.randn(D, H, device="cuda", dtype=dt) / H ** 0.5
     g = torch.randn(M, D, device="cuda", dtype=dt)
     h = F.linear(x, w_up)
-    print(f"device:{torch.cuda.get_device_name(0)} torch:{torch.__version__} triton:{tg.triton.__version__}")
+    print(f"device:{torch.cuda.get_device_name(0)} torch:{torch.__version__} triton:{fk.triton.__version__}")
 
     act_c, act_grad_c = torch.compile(act), torch.compile(act_grad_formula)
     mm_up = timed10(lambda: F.linear(x, w_up))
@@ -110,10 +110,10 @@ def main():
             err = lambda u, r: ((u.float() - r).norm() / r.norm()).item()
             print(f"| {kind} | {bm} | {bn} | {bk} | {w} | {s} | {t_up:.3f} | {t_dg:.3f} | "
                   f"{unf_up + unf_dg - t_up - t_dg:+.3f} | {err(a, ref_a):.1e} | {err(dh, ref_dh):.1e} |", flush=True)
-    blocks = tg.mlp_kernel_blocks(x.device)
+    blocks = fk.mlp_kernel_blocks(x.device)
     print(f"train_gpt's choice for this GPU: {blocks}; through the custom op (eager): "
-          f"up+act {timed10(lambda: tg.mlp_up_act(x, w_up)):.3f} ms, hidden-grad "
-          f"{timed10(lambda: tg.mlp_act_grad(g, w_down, h)):.3f} ms")
+          f"up+act {timed10(lambda: fk.mlp_up_act(x, w_up)):.3f} ms, hidden-grad "
+          f"{timed10(lambda: fk.mlp_act_grad(g, w_down, h)):.3f} ms")
 
     ref = None
     for name, fn in (("fp32 reference", plain_mlp), ("unfused, compiled", plain_mlp), ("FusedMLP, compiled", fused_mlp)):

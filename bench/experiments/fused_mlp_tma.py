@@ -1,9 +1,9 @@
-"""Can the fused MLP kernel (train_gpt.mlp_act_mm_kernel, pointer loads, one program per tile) get closer to
+"""Can the fused MLP kernel (fused_kernels.mlp_act_mm_kernel, pointer loads, one program per tile) get closer to
 cuBLAS? A persistent variant that moves A/B tiles and the epilogue's h/out tiles with TMA descriptors, optionally
 warp-specialized (producer warps issue TMA while consumer warps run wgmma), at the h100 training shape
 (96 x 2048 = 196,608 tokens per micro-batch, 512 -> 2048, bf16). In one process:
   1. cuBLAS matmul alone (the floor the fused kernel competes with) and cuBLAS + compiled elementwise
-  2. train_gpt's kernel with train_gpt's blocks
+  2. the training kernel with its blocks
   3. the TMA kernel over a sweep of blocks / warps / stages / warp specialization / epilogue halves
   4. the best TMA configuration through a triton_op under torch.compile (does inductor take TMA descriptors?)
 Each time is the mean of 10 back-to-back launches (median of 20 such).
@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import train_gpt as tg  # noqa: E402
+import fused_kernels as fk  # noqa: E402
 from fused_mlp import act, act_grad, act_grad_formula, timed10  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def tma_kernel(a_desc, b_desc, h_desc, out_desc, M, N, K, GRAD: tl.constexpr, B_
     """A [M,K] @ B through the MLP epilogue; B is [N,K] (B_NK, the up weight as stored) or [K,N]."""
     n_m, n_n = M // BLOCK_M, N // BLOCK_N
     for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=not WARP_SPEC, warp_specialize=WARP_SPEC):
-        pid_m, pid_n = tg.grouped_tile(tile, n_m, n_n, GROUP_M)
+        pid_m, pid_n = fk.grouped_tile(tile, n_m, n_n, GROUP_M)
         om, on = pid_m * BLOCK_M, pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
@@ -97,9 +97,9 @@ def main():
     ref_a, ref_dh = act(h.float()), act_grad(dA.float(), h.float())
     err = lambda u, r: ((u.float() - r).norm() / r.norm()).item()
     hh, a, dh = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
-    t_up = timed10(lambda: tg.mlp_up_act(x, w_up))
-    t_dg = timed10(lambda: tg.mlp_act_grad(g, w_down, h))
-    print(f"train_gpt kernel {tg.mlp_kernel_blocks(x.device)}: up+act {t_up:.3f} ms, hidden-grad {t_dg:.3f} ms")
+    t_up = timed10(lambda: fk.mlp_up_act(x, w_up))
+    t_dg = timed10(lambda: fk.mlp_act_grad(g, w_down, h))
+    print(f"fused_kernels kernel {fk.mlp_kernel_blocks(x.device)}: up+act {t_up:.3f} ms, hidden-grad {t_dg:.3f} ms")
     print("| BLOCK_M | BLOCK_N | BLOCK_K | warps | stages | warp-spec | subtile | up+act ms | hidden-grad ms "
           "| vs train_gpt ms | err a | err dh |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,284 @@
+"""Hand-written Triton kernels for train_gpt.py's memory-bound hot spots, each a torch.library.triton_op (so
+torch.compile sees through it) behind an autograd.Function; train_gpt.py falls back to plain PyTorch where a
+kernel does not apply (FUSED_KERNELS=0, no Triton, fp32, odd shapes). Counted as code (train_gpt.CODE_FILES).
+On CPU, TRITON_INTERPRET=1 runs them through Triton's interpreter: that is how the tests check them."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    assert hasattr(torch.library, "triton_op")  # torch >= 2.6
+except (ImportError, AssertionError):
+    triton = None
+TRITON_ON_CPU = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+if triton is not None:
+    @triton.jit
+    def grouped_tile(t, n_m, n_n, GROUP_M: tl.constexpr):
+        """Tile t's (row, column) block: GROUP_M row-blocks in a row share B's column-blocks while in L2."""
+        group = t // (GROUP_M * n_n)
+        rows = min(n_m - group * GROUP_M, GROUP_M)
+        return group * GROUP_M + (t % (GROUP_M * n_n)) % rows, (t % (GROUP_M * n_n)) // rows
+
+    @triton.jit
+    def mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD: tl.constexpr):
+        """acc = the matmul's fp32 tile, rounded to bf16 as a matmul would store it; then
+        GRAD=0: h = acc and out = leaky_relu(h, 0.5)^2; GRAD=1: out = acc * d/dh leaky_relu(h, 0.5)^2 (h read)."""
+        c = acc.to(tl.bfloat16).to(tl.float32)
+        off = rm[:, None] * N + rn[None, :]
+        if GRAD:
+            h = tl.load(h_ptr + off).to(tl.float32)
+            tl.store(out_ptr + off, (c * h * tl.where(h > 0, 2.0, 0.5)).to(tl.bfloat16))
+        else:
+            act = tl.where(c > 0, c, 0.5 * c)
+            tl.store(h_ptr + off, c.to(tl.bfloat16))
+            tl.store(out_ptr + off, (act * act).to(tl.bfloat16))
+
+    @triton.jit
+    def mlp_act_mm_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, GRAD: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          INTERPRET: tl.constexpr):
+        """One BLOCK_M x BLOCK_N tile of A @ B (fp32 accumulation) through mlp_act_epilogue. M, N, K must be
+        multiples of the blocks (the caller checks); h and out are row-major M x N."""
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M // BLOCK_M, N // BLOCK_N, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
+        b = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            ta, tb = tl.load(a), tl.load(b)
+            if INTERPRET:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers; fp32 is exact
+                ta, tb = ta.to(tl.float32), tb.to(tl.float32)
+            acc = tl.dot(ta, tb, acc)
+            a += BLOCK_K * s_ak
+            b += BLOCK_K * s_bk
+        mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD)
+
+    def mlp_kernel_blocks(device: torch.device) -> dict:
+        # H100: the fastest of 15 configurations in bench/experiments/fused_mlp.py. Ampere (RTX 3090) has
+        # about 99 KB of shared memory per block, so half-depth K tiles there (not measured on Ampere).
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
+
+    def launch_mlp_kernel(a, b, h, out, grad: bool, blocks: dict):
+        (M, K), N = a.shape, b.size(1)
+        grid = ((M // blocks["BLOCK_M"]) * (N // blocks["BLOCK_N"]),)
+        torch.library.wrap_triton(mlp_act_mm_kernel)[grid](
+            a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), GRAD=grad,
+            INTERPRET=a.device.type == "cpu", **blocks)
+
+    @torch.library.triton_op("hqgpt::mlp_up_act", mutates_args=())
+    def mlp_up_act(x: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = x @ w_up.T and a = leaky_relu(h, 0.5)^2 in one pass."""
+        h = x.new_empty(x.size(0), w_up.size(0))
+        a = torch.empty_like(h)
+        launch_mlp_kernel(x, w_up.t(), h, a, False, mlp_kernel_blocks(x.device))
+        return h, a
+
+    @torch.library.triton_op("hqgpt::mlp_act_grad", mutates_args=())
+    def mlp_act_grad(grad_y: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Gradient at h: (grad_y @ w_down) * d/dh leaky_relu(h, 0.5)^2 in one pass."""
+        grad_h = torch.empty_like(h)
+        launch_mlp_kernel(grad_y, w_down, h, grad_h, True, mlp_kernel_blocks(h.device))
+        return grad_h
+
+
+    @triton.jit
+    def xsa_kernel(y_ptr, v_ptr, go_ptr, out_ptr, gv_ptr, R, GRAD: tl.constexpr, G: tl.constexpr,
+                   D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """XSA over rows r = (token, KV head): v[r] is [D], y[r] the [G, D] outputs of the heads sharing it.
+        GRAD=0: out = y - (y.vn) vn with vn = v / max(|v|, eps). GRAD=1: given go, the gradient at out,
+        out = gradient at y and gv = gradient at v (through the normalization). fp32 math; I/O in the tensors' dtype."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = r < R
+        d = tl.arange(0, D)
+        v = tl.load(v_ptr + r[:, None] * D + d[None, :], mask=ok[:, None]).to(tl.float32)
+        y_off = r[:, None, None] * (G * D) + tl.arange(0, G)[None, :, None] * D + d[None, None, :]
+        y = tl.load(y_ptr + y_off, mask=ok[:, None, None]).to(tl.float32)
+        norm = tl.sqrt(tl.sum(v * v, 1))
+        inv = 1.0 / tl.maximum(norm, 1e-12)  # F.normalize's eps
+        vn = (v * inv[:, None])[:, None, :]
+        s = tl.sum(y * vn, 2)[:, :, None]
+        if GRAD:
+            go = tl.load(go_ptr + y_off, mask=ok[:, None, None]).to(tl.float32)
+            t = tl.sum(go * vn, 2)[:, :, None]
+            tl.store(out_ptr + y_off, (go - t * vn).to(out_ptr.dtype.element_ty), mask=ok[:, None, None])
+            gvn = -tl.sum(s * go + t * y, 1)
+            vn = tl.reshape(vn, (BLOCK_R, D))
+            proj = tl.where(norm[:, None] > 1e-12, tl.sum(gvn * vn, 1)[:, None] * vn, 0.0)  # clamped: none
+            tl.store(gv_ptr + r[:, None] * D + d[None, :], ((gvn - proj) * inv[:, None]).to(gv_ptr.dtype.element_ty),
+                     mask=ok[:, None])
+        else:
+            tl.store(out_ptr + y_off, (y - s * vn).to(out_ptr.dtype.element_ty), mask=ok[:, None, None])
+
+    def launch_xsa_kernel(y, v, go, out, gv, grad: bool):
+        G, D = y.shape[-2:]
+        R, block = v.numel() // D, 64
+        torch.library.wrap_triton(xsa_kernel)[(triton.cdiv(R, block),)](
+            y, v, go, out, gv, R, GRAD=grad, G=G, D=D, BLOCK_R=block, num_warps=4)
+
+    @torch.library.triton_op("hqgpt::xsa_fwd", mutates_args=())
+    def xsa_fwd(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(y)
+        launch_xsa_kernel(y, v, y, out, v, False)
+        return out
+
+    @torch.library.triton_op("hqgpt::xsa_bwd", mutates_args=())
+    def xsa_bwd(go: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gy, gv = torch.empty_like(y), torch.empty_like(v)
+        launch_xsa_kernel(y, v, go, gy, gv, True)
+        return gy, gv
+
+
+    @triton.jit
+    def qk_inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, gain_ptr, gq_ptr, gk_ptr, q_ptr, k_ptr, gpart_ptr, R, T,
+                           C: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                           GRAD: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Rows r = (token, head) over the H query and KV key heads in qkv [N, C]: RMS-normalize, rotate the first
+        2*HALF dims (RoPE at the token's position), scale query heads by their gain; into q [N,H,D], k [N,KV,D].
+        GRAD=1: from gq/gk (the gradients at q, k) to the gradient at qkv's q/k columns (written to q_ptr, laid
+        out like qkv) and, per query row, its share of the gain's gradient (gpart [N,H], fp32)."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        tok, hh = r // (H + KV), r % (H + KV)
+        ok, is_q = r < R, hh < H
+        d = tl.arange(0, D)[None, :]
+        rot = d < 2 * HALF
+        part = tl.where(d < HALF, d + HALF, tl.where(rot, d - HALF, d))  # each rotated dim's partner
+        t = (tok % T)[:, None] * HALF + d % HALF
+        c = tl.where(rot, tl.load(cos_ptr + t, mask=ok[:, None] & rot, other=1.0).to(tl.float32), 1.0)
+        s = tl.load(sin_ptr + t, mask=ok[:, None] & rot, other=0.0).to(tl.float32)
+        s = tl.where(d < HALF, s, -s)  # out[d] = xn[d] c[d] + xn[partner] s[d]
+        row = tok[:, None] * C + hh[:, None] * D
+        x = tl.load(qkv_ptr + row + d, mask=ok[:, None]).to(tl.float32)
+        xp = tl.load(qkv_ptr + row + part, mask=ok[:, None]).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + 1e-6)[:, None]  # F.rms_norm's eps
+        gain = tl.load(gain_ptr + hh, mask=ok & is_q, other=1.0).to(tl.float32)[:, None]
+        mq, mk = (ok & is_q)[:, None], (ok & ~is_q)[:, None]
+        q_off = tok[:, None] * (H * D) + hh[:, None] * D
+        k_off = tok[:, None] * (KV * D) + (hh[:, None] - H) * D
+        if GRAD:
+            go = tl.load(gq_ptr + q_off + d, mask=mq, other=0.0) + tl.load(gk_ptr + k_off + d, mask=mk, other=0.0)
+            gop = tl.load(gq_ptr + q_off + part, mask=mq, other=0.0) + tl.load(gk_ptr + k_off + part, mask=mk, other=0.0)
+            go, gop = go.to(tl.float32), gop.to(tl.float32)
+            xn = x * rstd
+            tl.store(gpart_ptr + tok * H + hh, tl.sum(go * (xn * c + xp * rstd * s), 1), mask=ok & is_q)
+            gxn = gain * (go * c - gop * s)
+            gx = rstd * (gxn - xn * tl.sum(gxn * xn, 1)[:, None] / D)
+            tl.store(q_ptr + row + d, gx.to(q_ptr.dtype.element_ty), mask=ok[:, None])
+        else:
+            out = gain * rstd * (x * c + xp * s)
+            tl.store(q_ptr + q_off + d, out.to(q_ptr.dtype.element_ty), mask=mq)
+            tl.store(k_ptr + k_off + d, out.to(k_ptr.dtype.element_ty), mask=mk)
+
+    @triton.jit
+    def copy_cols_kernel(src_ptr, add_ptr, dst_ptr, n, src_col, src_stride, dst_col, dst_stride, W: tl.constexpr,
+                         ADD: tl.constexpr, BLOCK: tl.constexpr):
+        """dst[i, dst_col + j] = src[i, src_col + j] (+ add[i, j], add contiguous) for j < W: the value columns
+        out of qkv, and their gradient into it."""
+        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        i, j = e // W, e % W
+        x = tl.load(src_ptr + i * src_stride + src_col + j, mask=e < n).to(tl.float32)
+        if ADD:
+            x += tl.load(add_ptr + e, mask=e < n).to(tl.float32)
+        tl.store(dst_ptr + i * dst_stride + dst_col + j, x.to(dst_ptr.dtype.element_ty), mask=e < n)
+
+    def launch_qk_inputs(qkv, cos, sin, gain, gq, gk, q, k, gpart, heads: int, kv: int, grad: bool):
+        B, T, C = qkv.shape
+        D = C // (heads + 2 * kv)
+        R, block = B * T * (heads + kv), 32
+        torch.library.wrap_triton(qk_inputs_kernel)[(triton.cdiv(R, block),)](
+            qkv, cos, sin, gain, gq, gk, q, k, gpart, R, T, C=C, H=heads, KV=kv, D=D, HALF=cos.size(-1),
+            GRAD=grad, BLOCK_R=block, num_warps=4)
+
+    def launch_copy_cols(src, add, dst, rows: int, src_col: int, src_stride: int, dst_col: int, dst_stride: int, w: int):
+        n, block = rows * w, 1024
+        torch.library.wrap_triton(copy_cols_kernel)[(triton.cdiv(n, block),)](
+            src, src if add is None else add, dst, n, src_col, src_stride, dst_col, dst_stride, W=w,
+            ADD=add is not None, BLOCK=block)
+
+    @torch.library.triton_op("hqgpt::attn_inputs", mutates_args=())
+    def attn_inputs_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
+                      ve: Optional[torch.Tensor], heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normalized, rotated, q scaled by gain) and v (+ ve) from the fused q/k/v matmul's output."""
+        B, T, C = qkv.shape
+        D = C // (heads + 2 * kv_heads)
+        q, k, v = (qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
+        launch_qk_inputs(qkv, cos, sin, gain, q, k, q, k, gain, heads, kv_heads, False)
+        launch_copy_cols(qkv, ve, v, B * T, (heads + kv_heads) * D, C, 0, kv_heads * D, kv_heads * D)
+        return q, k, v
+
+    @torch.library.triton_op("hqgpt::attn_inputs_grad", mutates_args=())
+    def attn_inputs_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient at qkv and per-row shares of the gain's gradient, given those at q, k, v."""
+        B, T, C = qkv.shape
+        g = torch.empty_like(qkv)
+        gpart = qkv.new_empty(B * T, gq.size(2), dtype=torch.float32)
+        launch_qk_inputs(qkv, cos, sin, gain, gq, gk, g, g, gpart, gq.size(2), gk.size(2), True)
+        w = gv.size(2) * gv.size(3)
+        launch_copy_cols(gv, None, g, B * T, 0, w, C - w, C, w)
+        return g, gpart
+
+
+class FusedAttnInputs(torch.autograd.Function):
+    """attn_inputs() in one Triton pass each way; inductor spread its backward over five kernels plus a gather
+    of the three gradients into the matmul's."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, gain, ve, heads, kv_heads):
+        T = qkv.size(1)
+        cos, sin = (t[0, :T, 0].to(qkv.dtype).contiguous() for t in (cos, sin))  # as apply_rope rounds them
+        qkv = qkv.contiguous()
+        ctx.save_for_backward(qkv, cos, sin, gain)
+        ctx.has_ve = ve is not None
+        return attn_inputs_op(qkv, cos, sin, gain, None if ve is None else ve.contiguous(), heads, kv_heads)
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        qkv, cos, sin, gain = ctx.saved_tensors
+        g, gpart = attn_inputs_grad(gq.contiguous(), gk.contiguous(), gv.contiguous(), qkv, cos, sin, gain)
+        w = gv.size(2) * gv.size(3)
+        g_ve = g[..., -w:].reshape(gv.shape[:2] + (w,)) if ctx.has_ve else None
+        return g, None, None, gpart.sum(0).to(gain.dtype), g_ve, None, None
+
+
+class FusedXSA(torch.autograd.Function):
+    """xsa() in one Triton pass each way (bf16, contiguous): inductor spread its backward over five kernels."""
+
+    @staticmethod
+    def forward(ctx, y, v):
+        y, v = y.contiguous(), v.contiguous()
+        ctx.save_for_backward(y, v)  # the attention saves both anyway
+        return xsa_fwd(y, v)
+
+    @staticmethod
+    def backward(ctx, go):
+        return xsa_bwd(go.contiguous(), *ctx.saved_tensors)
+
+
+class FusedMLP(torch.autograd.Function):
+    """down(leaky_relu(up(x), 0.5)^2) on 2-D bf16 tensors. Same products as the unfused MLP, but the
+    activation rides in the up-projection's epilogue and its derivative in the epilogue of the matmul that
+    produces the hidden gradient: two fewer full passes over the 4x-wide hidden activations each way."""
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_down):
+        h, a = mlp_up_act(x, w_up)
+        ctx.save_for_backward(x, w_up, w_down, h, a)
+        return a @ w_down.t()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w_up, w_down, h, a = ctx.saved_tensors
+        grad_h = mlp_act_grad(grad_y, w_down, h)
+        need_x, need_up, need_down = ctx.needs_input_grad  # TTT's frozen blocks need no weight gradients
+        return (grad_h @ w_up if need_x else None, grad_h.t() @ x if need_up else None,
+                grad_y.t() @ a if need_down else None)
