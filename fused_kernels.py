@@ -211,7 +211,7 @@ if triton is not None:
         B, T, C = qkv.shape
         D = C // (heads + 2 * kv_heads)
         q, k, v = (qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
-        launch_qk_inputs(qkv, cos, sin, gain, q, k, q, k, gain, heads, kv_heads, False)
+        launch_qk_inputs(qkv, cos, sin, gain, q, k, q, k, gain, heads, kv_heads, False)  # gq, gk, gpart: unused
         launch_copy_cols(qkv, ve, v, B * T, (heads + kv_heads) * D, C, 0, kv_heads * D, kv_heads * D)
         return q, k, v
 

@@ -498,12 +498,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.transpose(1, 2)
 
 
+def kernels_take(t: torch.Tensor) -> bool:
+    """Whether fused_kernels.py can run on t: a CUDA (or interpreted) bf16 tensor; callers check shapes."""
+    return (t.is_cuda or TRITON_ON_CPU) and t.dtype == torch.bfloat16
+
+
 def xsa(y: torch.Tensor, v: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """XSA: drop from each head's output its component along its own value vector.
     y [B,T,KV,G,D] (G query heads share a KV head), v [B,T,KV,D]."""
     v = v.to(y.dtype)
     G, D = y.shape[-2:]
-    if fused and (y.is_cuda or TRITON_ON_CPU) and y.dtype == torch.bfloat16 and G & (G - 1) == 0 and D & (D - 1) == 0:
+    if fused and kernels_take(y) and G & (G - 1) == 0 and D & (D - 1) == 0:
         return FusedXSA.apply(y, v)
     vn = F.normalize(v, dim=-1).unsqueeze(3)
     return y - (y * vn).sum(-1, keepdim=True) * vn
@@ -537,7 +542,7 @@ class Attention(nn.Module):
         w = torch.cat([lin.weight_as(x.dtype) for lin in (self.c_q, self.c_k, self.c_v)])
         qkv = F.linear(x, w)
         ve = None if ve is None else ve.to(qkv.dtype)
-        fused = self.fused and (qkv.is_cuda or TRITON_ON_CPU) and qkv.dtype == torch.bfloat16 and self.hd & (self.hd - 1) == 0
+        fused = self.fused and kernels_take(qkv) and self.hd & (self.hd - 1) == 0
         q, k, v = (FusedAttnInputs.apply if fused else attn_inputs)(qkv, *rope, self.q_gain, ve, self.h, self.kv)
         raw_v = v
         if v0 is not None:
@@ -545,7 +550,6 @@ class Attention(nn.Module):
             v = lam[0] * v0 + lam[1] * v
         y = xsa(causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd), v, self.fused)
         return self.proj(y.reshape(B, T, -1), out_scale), raw_v
-
 
 
 class MLP(nn.Module):
@@ -567,7 +571,8 @@ class MLP(nn.Module):
     def forward(self, x, out_scale=None):
         if self.fused_applies(x):
             bf = torch.bfloat16
-            y = FusedMLP.apply(x.reshape(-1, x.size(-1)).to(bf), self.up.weight_as(bf), self.down.weight_as(bf, out_scale))
+            w_up, w_down = self.up.weight_as(bf), self.down.weight_as(bf, out_scale)
+            y = FusedMLP.apply(x.reshape(-1, x.size(-1)).to(bf), w_up, w_down)
             return y.view(*x.shape[:-1], -1)
         return self.down(F.leaky_relu(self.up(x), 0.5).square(), out_scale)
 
