@@ -75,14 +75,19 @@ def fused_mlp(x, w_up, w_down):
     return fk.FusedMLP.apply(x, w_up, w_down)
 
 
-def main():
+def mlp_tensors(M, D=512, H=2048, dt=torch.bfloat16):
+    """Seeded MLP operands at M tokens: input, both weights, an output gradient, and the hidden h."""
     torch.manual_seed(0)
-    M, D, H, dt = 98304, 512, 2048, torch.bfloat16
     x = torch.randn(M, D, device="cuda", dtype=dt)
     w_up = torch.randn(H, D, device="cuda", dtype=dt) / D ** 0.5
     w_down = torch.randn(D, H, device="cuda", dtype=dt) / H ** 0.5
     g = torch.randn(M, D, device="cuda", dtype=dt)
-    h = F.linear(x, w_up)
+    return x, w_up, w_down, g, F.linear(x, w_up)
+
+
+def main():
+    dt = torch.bfloat16
+    x, w_up, w_down, g, h = mlp_tensors(98304)
     print(f"device:{torch.cuda.get_device_name(0)} torch:{torch.__version__} triton:{fk.triton.__version__}")
 
     act_c, act_grad_c = torch.compile(act), torch.compile(act_grad_formula)

@@ -19,7 +19,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import fused_kernels as fk  # noqa: E402
-from fused_mlp import act, act_grad, act_grad_formula, timed10  # noqa: E402
+from fused_mlp import act, act_grad, act_grad_formula, mlp_tensors, timed10  # noqa: E402
 
 
 @triton.jit
@@ -79,13 +79,8 @@ SWEEP = [(bm, bn, 64, w, s, ws, sub) for ws in (False, True) for (bm, bn) in ((1
 
 
 def main():
-    torch.manual_seed(0)
-    M, D, H, dt = 196608, 512, 2048, torch.bfloat16
-    x = torch.randn(M, D, device="cuda", dtype=dt)
-    w_up = torch.randn(H, D, device="cuda", dtype=dt) / D ** 0.5
-    w_down = torch.randn(D, H, device="cuda", dtype=dt) / H ** 0.5
-    g = torch.randn(M, D, device="cuda", dtype=dt)
-    h = F.linear(x, w_up)
+    M, D, H = 196608, 512, 2048
+    x, w_up, w_down, g, h = mlp_tensors(M, D, H)
     dA = g @ w_down
     print(f"device:{torch.cuda.get_device_name(0)} torch:{torch.__version__} triton:{triton.__version__} M={M}")
     act_c, act_grad_c = torch.compile(act), torch.compile(act_grad_formula)
