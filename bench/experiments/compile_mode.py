@@ -1,6 +1,8 @@
-"""Experiment: the h100 step compiled with torch.compile mode MODE (default | reduce-overhead = CUDA graphs),
+"""Experiment: the h100 step compiled with torch.compile mode MODE (default | reduce-overhead = CUDA graphs |
+max-autotune-no-cudagraphs = Triton matmul templates with fused epilogues, benchmarked against cuBLAS |
+coordinate-descent = default mode with inductor's coordinate-descent tuning of its own kernels' block sizes),
 gradients kept allocated and zeroed in place (CUDA-graph outputs must not become .grad).
-    python bench/experiments/compile_mode.py [default|reduce-overhead]   (proxy shards in .proxy)"""
+    python bench/experiments/compile_mode.py [MODE]   (proxy shards in .proxy)"""
 import os
 import sys
 import time
@@ -11,7 +13,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_train import setup, tg  # noqa: E402
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "reduce-overhead"
-d, cfg, model, fwd, opt, loader = setup("h100", ".proxy", compile_mode=None if mode == "default" else mode)
+if mode == "coordinate-descent":
+    import torch._inductor.config as inductor_config
+    inductor_config.coordinate_descent_tuning = True
+d, cfg, model, fwd, opt, loader = setup("h100", ".proxy", compile_mode=None if mode in ("default", "coordinate-descent") else mode)
 for p in model.parameters():
     p.grad = torch.zeros_like(p)
 

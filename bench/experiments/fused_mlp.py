@@ -4,7 +4,9 @@ at the h100 micro-batch shape (98,304 tokens, 512 -> 2048 -> 512, bf16), in one 
      and of a persistent variant (one program per SM looping over tiles, so a tile's epilogue can overlap the
      next tile's loads); each time is the mean over 10 back-to-back launches
   2. one MLP forward+backward, compiled, unfused vs FusedMLP; errors of each vs an fp32 reference
-    python bench/experiments/fused_mlp.py"""
+    python bench/experiments/fused_mlp.py [--tokens 196608] [--configs "64,128,64,4,3;128,128,64,4,2"] [--skip-compiled]
+(--configs: BLOCK_M,BLOCK_N,BLOCK_K,warps,stages;... in place of the built-in sweep, tiled kernel only)"""
+import argparse
 import os
 import sys
 
@@ -86,8 +88,13 @@ def mlp_tensors(M, D=512, H=2048, dt=torch.bfloat16):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=98304)
+    ap.add_argument("--configs", default="")
+    ap.add_argument("--skip-compiled", action="store_true", help="only the kernel sweep (parts 1)")
+    args = ap.parse_args()
     dt = torch.bfloat16
-    x, w_up, w_down, g, h = mlp_tensors(98304)
+    x, w_up, w_down, g, h = mlp_tensors(args.tokens)
     print(f"device:{torch.cuda.get_device_name(0)} torch:{torch.__version__} triton:{fk.triton.__version__}")
 
     act_c, act_grad_c = torch.compile(act), torch.compile(act_grad_formula)
@@ -102,7 +109,8 @@ def main():
     ref_a, ref_dh = act(h.float()), act_grad(dA.float(), h.float())
     print("| kernel | BLOCK_M | BLOCK_N | BLOCK_K | warps | stages | up+act ms | hidden-grad ms | saved per MLP ms | err a | err dh |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for kind, sweep in (("tiled", SWEEP), ("persistent", SWEEP[:6])):
+    own = [tuple(map(int, c.split(","))) for c in args.configs.split(";") if c]
+    for kind, sweep in ((("tiled", own),) if own else (("tiled", SWEEP), ("persistent", SWEEP[:6]))):
         for bm, bn, bk, w, s in sweep:
             blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
             hh, a, dh = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
@@ -120,6 +128,8 @@ def main():
           f"up+act {timed10(lambda: fk.mlp_up_act(x, w_up)):.3f} ms, hidden-grad "
           f"{timed10(lambda: fk.mlp_act_grad(g, w_down, h)):.3f} ms")
 
+    if args.skip_compiled:
+        return
     ref = None
     for name, fn in (("fp32 reference", plain_mlp), ("unfused, compiled", plain_mlp), ("FusedMLP, compiled", fused_mlp)):
         cast = torch.float32 if name.startswith("fp32") else dt
