@@ -21,6 +21,21 @@ VARIANTS = {"h": 0, "bits": 1, "int8": 2, "bits-nosqrt": 3}
 
 
 @triton.jit
+def epilogue_inputs(h_ptr, a_ptr, s_ptr, off, b_off, VAR: tl.constexpr):
+    """What the backward's epilogue reads: h (VAR 0; returned twice), or a and the signs."""
+    if VAR == 0:
+        pre = tl.load(h_ptr + off)
+        sg = pre
+    else:
+        pre = tl.load(a_ptr + off)
+        if VAR == 2:
+            sg = tl.load(s_ptr + off)
+        else:
+            sg = tl.load(s_ptr + b_off)
+    return pre, sg
+
+
+@triton.jit
 def variant_kernel(x_ptr, w_ptr, h_ptr, a_ptr, s_ptr, out_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, GRAD: tl.constexpr,
                    VAR: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -32,14 +47,7 @@ def variant_kernel(x_ptr, w_ptr, h_ptr, a_ptr, s_ptr, out_ptr, M, N, K, s_xm, s_
     b_off = rm[:, None] * (N // 8) + (pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8))[None, :]
     bit = tl.arange(0, 8)[None, None, :]
     if GRAD and PREFETCH:
-        if VAR == 0:
-            pre = tl.load(h_ptr + off)
-        else:
-            pre = tl.load(a_ptr + off)
-        if VAR == 2:
-            sg = tl.load(s_ptr + off)
-        elif VAR != 0:
-            sg = tl.load(s_ptr + b_off)
+        pre, sg = epilogue_inputs(h_ptr, a_ptr, s_ptr, off, b_off, VAR)
     x = x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk
     w = w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -50,14 +58,7 @@ def variant_kernel(x_ptr, w_ptr, h_ptr, a_ptr, s_ptr, out_ptr, M, N, K, s_xm, s_
     c = acc.to(tl.bfloat16).to(tl.float32)
     if GRAD:
         if not PREFETCH:
-            if VAR == 0:
-                pre = tl.load(h_ptr + off)
-            else:
-                pre = tl.load(a_ptr + off)
-            if VAR == 2:
-                sg = tl.load(s_ptr + off)
-            elif VAR != 0:
-                sg = tl.load(s_ptr + b_off)
+            pre, sg = epilogue_inputs(h_ptr, a_ptr, s_ptr, off, b_off, VAR)
         p = pre.to(tl.float32)
         if VAR == 0:
             g = c * p * tl.where(p > 0, 2.0, 0.5)
