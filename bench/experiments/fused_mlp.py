@@ -4,8 +4,12 @@ at the h100 micro-batch shape (98,304 tokens, 512 -> 2048 -> 512, bf16), in one 
      and of a persistent variant (one program per SM looping over tiles, so a tile's epilogue can overlap the
      next tile's loads); each time is the mean over 10 back-to-back launches
   2. one MLP forward+backward, compiled, unfused vs FusedMLP; errors of each vs an fp32 reference
-    python bench/experiments/fused_mlp.py [--tokens 196608] [--configs "64,128,64,4,3;128,128,64,4,2"] [--skip-compiled]
-(--configs: BLOCK_M,BLOCK_N,BLOCK_K,warps,stages;... in place of the built-in sweep, tiled kernel only)"""
+    python bench/experiments/fused_mlp.py [--tokens 196608] [--configs "64,128,64,4,3;128,128,64,4,2"]
+                                          [--kinds tiled,tiled-offsets,persistent] [--skip-compiled]
+(--configs: BLOCK_M,BLOCK_N,BLOCK_K,warps,stages;... in place of the built-in sweep, for each of --kinds;
+kinds: tiled = fused_kernels' kernel, one program per tile, pointers advanced along K; tiled-offsets = the
+persistent kernel's loop body with one program per tile (offsets recomputed per K step, no flattening);
+persistent = one program per SM, loop flattened. tiled-offsets separates the loop rewrite from persistence.)"""
 import argparse
 import os
 import sys
@@ -26,9 +30,9 @@ SWEEP = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128,
 @triton.jit
 def persistent_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, GRAD: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      NUM_SMS: tl.constexpr):
+                      NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr):
     n_m, n_n = M // BLOCK_M, N // BLOCK_N
-    for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = fk.grouped_tile(tile, n_m, n_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,9 +51,11 @@ def launch(kind, a, b, h, out, grad, blocks):
     args = (a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
     if kind == "tiled":
         fk.mlp_act_mm_kernel[(tiles,)](*args, GRAD=grad, INTERPRET=False, **blocks)
+    elif kind == "tiled-offsets":
+        persistent_kernel[(tiles,)](*args, GRAD=grad, NUM_SMS=tiles, FLATTEN=False, **blocks)
     else:
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-        persistent_kernel[(min(sms, tiles),)](*args, GRAD=grad, NUM_SMS=sms, **blocks)
+        persistent_kernel[(min(sms, tiles),)](*args, GRAD=grad, NUM_SMS=sms, FLATTEN=True, **blocks)
 
 
 def timed10(fn):
@@ -91,6 +97,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=98304)
     ap.add_argument("--configs", default="")
+    ap.add_argument("--kinds", default="tiled", help="with --configs: any of tiled,tiled-offsets,persistent")
     ap.add_argument("--skip-compiled", action="store_true", help="only the kernel sweep (parts 1)")
     args = ap.parse_args()
     dt = torch.bfloat16
@@ -110,7 +117,8 @@ def main():
     print("| kernel | BLOCK_M | BLOCK_N | BLOCK_K | warps | stages | up+act ms | hidden-grad ms | saved per MLP ms | err a | err dh |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     own = [tuple(map(int, c.split(","))) for c in args.configs.split(";") if c]
-    for kind, sweep in ((("tiled", own),) if own else (("tiled", SWEEP), ("persistent", SWEEP[:6]))):
+    runs = [(k, own) for k in args.kinds.split(",")] if own else [("tiled", SWEEP), ("persistent", SWEEP[:6])]
+    for kind, sweep in runs:
         for bm, bn, bk, w, s in sweep:
             blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
             hh, a, dh = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
