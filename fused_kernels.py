@@ -17,6 +17,19 @@ except (ImportError, AssertionError):
     triton = None
 TRITON_ON_CPU = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def mlp_kernel_blocks(device: torch.device, grad: bool) -> dict:
+    """The MLP kernel's blocks for the up-projection (grad=False) or the hidden gradient (grad=True)."""
+    # H100: the fastest for each pass in bench/experiments/fused_mlp.py at the training shape; persistent
+    # pays only forward (1.011 vs 1.074 ms), the backward's epilogue loads h (1.62 vs 1.07 ms). Ampere
+    # (RTX 3090) has about 99 KB of shared memory per block, so half-depth K tiles there (not measured on Ampere).
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        if grad:
+            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, PERSISTENT=False)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=True)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4, PERSISTENT=False)
+
+
 if triton is not None:
     @triton.jit
     def grouped_tile(t, n_m, n_n, GROUP_M: tl.constexpr):
@@ -42,36 +55,32 @@ if triton is not None:
     @triton.jit
     def mlp_act_mm_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, GRAD: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          INTERPRET: tl.constexpr):
-        """One BLOCK_M x BLOCK_N tile of A @ B (fp32 accumulation) through mlp_act_epilogue. M, N, K must be
-        multiples of the blocks (the caller checks); h and out are row-major M x N."""
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M // BLOCK_M, N // BLOCK_N, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        a = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
-        b = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K, BLOCK_K):
-            ta, tb = tl.load(a), tl.load(b)
-            if INTERPRET:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers; fp32 is exact
-                ta, tb = ta.to(tl.float32), tb.to(tl.float32)
-            acc = tl.dot(ta, tb, acc)
-            a += BLOCK_K * s_ak
-            b += BLOCK_K * s_bk
-        mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD)
-
-    def mlp_kernel_blocks(device: torch.device) -> dict:
-        # H100: the fastest of 15 configurations in bench/experiments/fused_mlp.py. Ampere (RTX 3090) has
-        # about 99 KB of shared memory per block, so half-depth K tiles there (not measured on Ampere).
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
+                          PERSISTENT: tl.constexpr, INTERPRET: tl.constexpr):
+        """BLOCK_M x BLOCK_N tiles of A @ B (fp32 accumulation) through mlp_act_epilogue. M, N, K must be
+        multiples of the blocks (the caller checks); h and out are row-major M x N. One tile per program, or
+        PERSISTENT: one program per SM walking the tiles, the loop flattened so that a tile's epilogue
+        overlaps the next tile's loads."""
+        n_m, n_n = M // BLOCK_M, N // BLOCK_N
+        for t in tl.range(tl.program_id(0), n_m * n_n, tl.num_programs(0), flatten=PERSISTENT):
+            pid_m, pid_n = grouped_tile(t, n_m, n_n, GROUP_M)
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rk = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                ta = tl.load(a_ptr + rm[:, None] * s_am + (k + rk[None, :]) * s_ak)
+                tb = tl.load(b_ptr + (k + rk[:, None]) * s_bk + rn[None, :] * s_bn)
+                if INTERPRET:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers; fp32 is exact
+                    ta, tb = ta.to(tl.float32), tb.to(tl.float32)
+                acc = tl.dot(ta, tb, acc)
+            mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD)
 
     def launch_mlp_kernel(a, b, h, out, grad: bool, blocks: dict):
         (M, K), N = a.shape, b.size(1)
-        grid = ((M // blocks["BLOCK_M"]) * (N // blocks["BLOCK_N"]),)
-        torch.library.wrap_triton(mlp_act_mm_kernel)[grid](
+        tiles = (M // blocks["BLOCK_M"]) * (N // blocks["BLOCK_N"])
+        if blocks["PERSISTENT"]:
+            tiles = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count)
+        torch.library.wrap_triton(mlp_act_mm_kernel)[(tiles,)](
             a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), GRAD=grad,
             INTERPRET=a.device.type == "cpu", **blocks)
 
@@ -80,14 +89,14 @@ if triton is not None:
         """h = x @ w_up.T and a = leaky_relu(h, 0.5)^2 in one pass."""
         h = x.new_empty(x.size(0), w_up.size(0))
         a = torch.empty_like(h)
-        launch_mlp_kernel(x, w_up.t(), h, a, False, mlp_kernel_blocks(x.device))
+        launch_mlp_kernel(x, w_up.t(), h, a, False, mlp_kernel_blocks(x.device, False))
         return h, a
 
     @torch.library.triton_op("hqgpt::mlp_act_grad", mutates_args=())
     def mlp_act_grad(grad_y: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Gradient at h: (grad_y @ w_down) * d/dh leaky_relu(h, 0.5)^2 in one pass."""
         grad_h = torch.empty_like(h)
-        launch_mlp_kernel(grad_y, w_down, h, grad_h, True, mlp_kernel_blocks(h.device))
+        launch_mlp_kernel(grad_y, w_down, h, grad_h, True, mlp_kernel_blocks(h.device, True))
         return grad_h
 
 

@@ -36,7 +36,7 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attn
 except ImportError:
     fa3_attn = None
-from fused_kernels import TRITON_ON_CPU, FusedAttnInputs, FusedMLP, FusedXSA, triton  # noqa: E402
+from fused_kernels import TRITON_ON_CPU, FusedAttnInputs, FusedMLP, FusedXSA, mlp_kernel_blocks, triton  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -560,13 +560,14 @@ class MLP(nn.Module):
         self.fused = bool(cfg.fused_kernels) and triton is not None
 
     def fused_applies(self, x: torch.Tensor) -> bool:
-        # Block sizes divide these for every GPU (mlp_kernel_blocks); other shapes take the unfused path.
         if not (self.fused and (x.is_cuda or TRITON_ON_CPU)):
             return False
         dev = x.device.type
         bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and
                                              torch.get_autocast_dtype(dev) == torch.bfloat16)
-        return bf16 and x[..., 0].numel() % 128 == 0 and self.up.weight.size(0) % 128 == 0 and x.size(-1) % 64 == 0
+        M, (N, K) = x[..., 0].numel(), self.up.weight.shape  # the kernels take whole blocks only
+        return bf16 and all(M % b["BLOCK_M"] == 0 and N % b["BLOCK_N"] == 0 and K % b["BLOCK_K"] == 0
+                            for b in (mlp_kernel_blocks(x.device, False), mlp_kernel_blocks(x.device, True)))
 
     def forward(self, x, out_scale=None):
         if self.fused_applies(x):

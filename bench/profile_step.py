@@ -1,5 +1,5 @@
 """Where a training step's GPU time goes: attention backends side by side, then the top kernels of one
-compiled h100-preset step (torch.profiler).  python bench/profile_step.py --data-path .proxy"""
+compiled step of a preset (torch.profiler).  python bench/profile_step.py --data-path .proxy [--preset 3090]"""
 import argparse
 import os
 import sys
@@ -73,8 +73,8 @@ def gpu_idle(prof, show=12):
         print(f"  {g / 1000:7.2f} ms  after {a[:60]}  before {b[:60]}")
 
 
-def profile(data_path, top):
-    d, cfg, model, fwd, opt, loader = setup("h100", data_path)  # environment overrides apply (RESIDUAL_DTYPE=...)
+def profile(preset, data_path, top):
+    d, cfg, model, fwd, opt, loader = setup(preset, data_path)  # environment overrides apply (RESIDUAL_DTYPE=...)
 
     step = train_step_fn(fwd, opt, loader, d)
     for i in range(3):
@@ -129,7 +129,8 @@ if __name__ == "__main__":
     ap.add_argument("--data-path", default=".proxy")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--preset", default="h100")
     a = ap.parse_args()
     if not a.skip_attention:
         attention_variants()
-    profile(a.data_path, a.top)
+    profile(a.preset, a.data_path, a.top)

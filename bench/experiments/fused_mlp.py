@@ -5,19 +5,15 @@ at the h100 micro-batch shape (98,304 tokens, 512 -> 2048 -> 512, bf16), in one 
      next tile's loads); each time is the mean over 10 back-to-back launches
   2. one MLP forward+backward, compiled, unfused vs FusedMLP; errors of each vs an fp32 reference
     python bench/experiments/fused_mlp.py [--tokens 196608] [--configs "64,128,64,4,3;128,128,64,4,2"]
-                                          [--kinds tiled,tiled-offsets,persistent] [--skip-compiled]
+                                          [--kinds tiled,persistent] [--skip-compiled]
 (--configs: BLOCK_M,BLOCK_N,BLOCK_K,warps,stages;... in place of the built-in sweep, for each of --kinds;
-kinds: tiled = fused_kernels' kernel, one program per tile, pointers advanced along K; tiled-offsets = the
-persistent kernel's loop body with one program per tile (offsets recomputed per K step, no flattening);
-persistent = one program per SM, loop flattened. tiled-offsets separates the loop rewrite from persistence.)"""
+kinds: fused_kernels' kernel with one program per tile (tiled) or one per SM, its tile loop flattened (persistent).)"""
 import argparse
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import fused_kernels as fk  # noqa: E402
@@ -27,35 +23,9 @@ SWEEP = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128,
          (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (128, 256, 32, 8, 4), (256, 128, 32, 8, 4)]
 
 
-@triton.jit
-def persistent_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, GRAD: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr):
-    n_m, n_n = M // BLOCK_M, N // BLOCK_N
-    for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=FLATTEN):
-        pid_m, pid_n = fk.grouped_tile(tile, n_m, n_n, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            ta = tl.load(a_ptr + rm[:, None] * s_am + (k + rk[None, :]) * s_ak)
-            tb = tl.load(b_ptr + (k + rk[:, None]) * s_bk + rn[None, :] * s_bn)
-            acc = tl.dot(ta, tb, acc)
-        fk.mlp_act_epilogue(acc, h_ptr, out_ptr, rm, rn, N, GRAD)
-
-
 def launch(kind, a, b, h, out, grad, blocks):
-    (M, K), N = a.shape, b.size(1)
-    tiles = (M // blocks["BLOCK_M"]) * (N // blocks["BLOCK_N"])
-    args = (a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-    if kind == "tiled":
-        fk.mlp_act_mm_kernel[(tiles,)](*args, GRAD=grad, INTERPRET=False, **blocks)
-    elif kind == "tiled-offsets":
-        persistent_kernel[(tiles,)](*args, GRAD=grad, NUM_SMS=tiles, FLATTEN=False, **blocks)
-    else:
-        sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-        persistent_kernel[(min(sms, tiles),)](*args, GRAD=grad, NUM_SMS=sms, FLATTEN=True, **blocks)
+    """fused_kernels' MLP kernel with these blocks, one program per tile (tiled) or one per SM (persistent)."""
+    fk.launch_mlp_kernel(a, b, h, out, grad, {**blocks, "PERSISTENT": kind == "persistent"})
 
 
 def timed10(fn):
@@ -97,7 +67,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=98304)
     ap.add_argument("--configs", default="")
-    ap.add_argument("--kinds", default="tiled", help="with --configs: any of tiled,tiled-offsets,persistent")
+    ap.add_argument("--kinds", default="tiled", help="with --configs: any of tiled,persistent")
     ap.add_argument("--skip-compiled", action="store_true", help="only the kernel sweep (parts 1)")
     args = ap.parse_args()
     dt = torch.bfloat16
@@ -131,7 +101,7 @@ def main():
             err = lambda u, r: ((u.float() - r).norm() / r.norm()).item()
             print(f"| {kind} | {bm} | {bn} | {bk} | {w} | {s} | {t_up:.3f} | {t_dg:.3f} | "
                   f"{unf_up + unf_dg - t_up - t_dg:+.3f} | {err(a, ref_a):.1e} | {err(dh, ref_dh):.1e} |", flush=True)
-    blocks = fk.mlp_kernel_blocks(x.device)
+    blocks = {"up": fk.mlp_kernel_blocks(x.device, False), "grad": fk.mlp_kernel_blocks(x.device, True)}
     print(f"train_gpt's choice for this GPU: {blocks}; through the custom op (eager): "
           f"up+act {timed10(lambda: fk.mlp_up_act(x, w_up)):.3f} ms, hidden-grad "
           f"{timed10(lambda: fk.mlp_act_grad(g, w_down, h)):.3f} ms")

@@ -94,7 +94,7 @@ def main():
     hh, a, dh = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
     t_up = timed10(lambda: fk.mlp_up_act(x, w_up))
     t_dg = timed10(lambda: fk.mlp_act_grad(g, w_down, h))
-    print(f"fused_kernels kernel {fk.mlp_kernel_blocks(x.device)}: up+act {t_up:.3f} ms, hidden-grad {t_dg:.3f} ms")
+    print(f"fused_kernels kernel {fk.mlp_kernel_blocks(x.device, False)} / {fk.mlp_kernel_blocks(x.device, True)}: up+act {t_up:.3f} ms, hidden-grad {t_dg:.3f} ms")
     print("| BLOCK_M | BLOCK_N | BLOCK_K | warps | stages | warp-spec | subtile | up+act ms | hidden-grad ms "
           "| vs train_gpt ms | err a | err dh |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
