@@ -188,16 +188,35 @@ if triton is not None:
             tl.store(k_ptr + k_off + d, out.to(k_ptr.dtype.element_ty), mask=mk)
 
     @triton.jit
-    def copy_cols_kernel(src_ptr, add_ptr, dst_ptr, n, src_col, src_stride, dst_col, dst_stride, W: tl.constexpr,
-                         ADD: tl.constexpr, BLOCK: tl.constexpr):
-        """dst[i, dst_col + j] = src[i, src_col + j] (+ add[i, j], add contiguous) for j < W: the value columns
-        out of qkv, and their gradient into it."""
+    def values_kernel(qkv_ptr, ve_ptr, v0_ptr, lam_ptr, gv_ptr, v_ptr, g0_ptr, part_ptr, n, col, stride,
+                      W: tl.constexpr, HAS_VE: tl.constexpr, MIX: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """The values v_raw = qkv[:, col:col+W] (+ ve [N, W] if HAS_VE). GRAD=0: v [N, W] = v_raw, or with MIX (the
+        value residual) lam0 * v0 + lam1 * v_raw. GRAD=1, from gv (the gradient at v): into qkv's gradient (v_ptr,
+        laid out like qkv) gv, or with MIX lam1 * gv, and then g0 = lam0 * gv (the gradient at v0) and, per
+        program, the partial sums of gv * v0 and gv * v_raw (part [programs, 2], fp32): the gradient at lam."""
         e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        i, j = e // W, e % W
-        x = tl.load(src_ptr + i * src_stride + src_col + j, mask=e < n).to(tl.float32)
-        if ADD:
-            x += tl.load(add_ptr + e, mask=e < n).to(tl.float32)
-        tl.store(dst_ptr + i * dst_stride + dst_col + j, x.to(dst_ptr.dtype.element_ty), mask=e < n)
+        ok = e < n
+        src = (e // W) * stride + col + e % W
+        if GRAD:
+            g = tl.load(gv_ptr + e, mask=ok, other=0.0).to(tl.float32)
+        if MIX or not GRAD:
+            x = tl.load(qkv_ptr + src, mask=ok, other=0.0).to(tl.float32)
+            if HAS_VE:  # rounded as the bf16 sum the plain path makes
+                x = (x + tl.load(ve_ptr + e, mask=ok, other=0.0).to(tl.float32)).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+        if MIX:
+            lam0, lam1 = tl.load(lam_ptr).to(tl.float32), tl.load(lam_ptr + 1).to(tl.float32)
+            v0 = tl.load(v0_ptr + e, mask=ok, other=0.0).to(tl.float32)
+            if GRAD:
+                tl.store(g0_ptr + e, (lam0 * g).to(g0_ptr.dtype.element_ty), mask=ok)
+                tl.store(part_ptr + 2 * tl.program_id(0), tl.sum(g * v0, 0))
+                tl.store(part_ptr + 2 * tl.program_id(0) + 1, tl.sum(g * x, 0))
+                g = lam1 * g
+            else:
+                x = lam0 * v0 + lam1 * x
+        if GRAD:
+            tl.store(v_ptr + src, g.to(v_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(v_ptr + e, x.to(v_ptr.dtype.element_ty), mask=ok)
 
     def launch_qk_inputs(qkv, cos, sin, gain, gq, gk, q, k, gpart, heads: int, kv: int, grad: bool):
         B, T, C = qkv.shape
@@ -207,56 +226,66 @@ if triton is not None:
             qkv, cos, sin, gain, gq, gk, q, k, gpart, R, T, C=C, H=heads, KV=kv, D=D, HALF=cos.size(-1),
             GRAD=grad, BLOCK_R=block, num_warps=4)
 
-    def launch_copy_cols(src, add, dst, rows: int, src_col: int, src_stride: int, dst_col: int, dst_stride: int, w: int):
-        n, block = rows * w, 1024
-        torch.library.wrap_triton(copy_cols_kernel)[(triton.cdiv(n, block),)](
-            src, src if add is None else add, dst, n, src_col, src_stride, dst_col, dst_stride, W=w,
-            ADD=add is not None, BLOCK=block)
+    VALUES_BLOCK = 1024
+
+    def launch_values(qkv, ve, v0, lam, gv, v, g0, part, w: int, grad: bool):
+        n, C = qkv.size(0) * qkv.size(1) * w, qkv.size(-1)
+        torch.library.wrap_triton(values_kernel)[(triton.cdiv(n, VALUES_BLOCK),)](
+            qkv, qkv if ve is None else ve, qkv if v0 is None else v0, qkv if lam is None else lam, gv, v, g0, part,
+            n, C - w, C, W=w, HAS_VE=ve is not None, MIX=v0 is not None, GRAD=grad, BLOCK=VALUES_BLOCK)
 
     @torch.library.triton_op("hqgpt::attn_inputs", mutates_args=())
     def attn_inputs_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
-                      ve: Optional[torch.Tensor], heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k (normalized, rotated, q scaled by gain) and v (+ ve) from the fused q/k/v matmul's output."""
+                       ve: Optional[torch.Tensor], v0: Optional[torch.Tensor], lam: Optional[torch.Tensor],
+                       heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normalized, rotated, q scaled by gain) and v (+ ve; mixed with v0 by lam) from the fused q/k/v
+        matmul's output."""
         B, T, C = qkv.shape
         D = C // (heads + 2 * kv_heads)
         q, k, v = (qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
         launch_qk_inputs(qkv, cos, sin, gain, q, k, q, k, gain, heads, kv_heads, False)  # gq, gk, gpart: unused
-        launch_copy_cols(qkv, ve, v, B * T, (heads + kv_heads) * D, C, 0, kv_heads * D, kv_heads * D)
+        launch_values(qkv, ve, v0, lam, v, v, v, v, kv_heads * D, False)  # gv, g0, part: unused
         return q, k, v
 
     @torch.library.triton_op("hqgpt::attn_inputs_grad", mutates_args=())
     def attn_inputs_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor,
-                           sin: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient at qkv and per-row shares of the gain's gradient, given those at q, k, v."""
+                         sin: torch.Tensor, gain: torch.Tensor, ve: Optional[torch.Tensor], v0: Optional[torch.Tensor],
+                         lam: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradient at qkv, per-row shares of the gain's gradient and, with v0, the gradient at v0 and per-program
+        shares of lam's (empty without v0), given those at q, k, v."""
         B, T, C = qkv.shape
         g = torch.empty_like(qkv)
         gpart = qkv.new_empty(B * T, gq.size(2), dtype=torch.float32)
         launch_qk_inputs(qkv, cos, sin, gain, gq, gk, g, g, gpart, gq.size(2), gk.size(2), True)
         w = gv.size(2) * gv.size(3)
-        launch_copy_cols(gv, None, g, B * T, 0, w, C - w, C, w)
-        return g, gpart
+        g0 = torch.empty_like(gv) if v0 is not None else gv.new_empty(0)
+        lam_part = gv.new_empty((triton.cdiv(gv.numel(), VALUES_BLOCK), 2) if v0 is not None else (0, 2),
+                                dtype=torch.float32)
+        launch_values(qkv, ve, v0, lam, gv, g, g0, lam_part, w, True)
+        return g, gpart, g0, lam_part
 
 
 class FusedAttnInputs(torch.autograd.Function):
-    """attn_inputs() in one Triton pass each way; inductor spread its backward over five kernels plus a gather
-    of the three gradients into the matmul's."""
+    """attn_inputs() in one Triton pass each way (two kernels: q/k rows, values); inductor spread its backward
+    over five kernels plus a gather of the three gradients into the matmul's, and the value residual over more."""
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, gain, ve, heads, kv_heads):
+    def forward(ctx, qkv, cos, sin, gain, ve, v0, lam, heads, kv_heads):
         T = qkv.size(1)
         cos, sin = (t[0, :T, 0].to(qkv.dtype).contiguous() for t in (cos, sin))  # as apply_rope rounds them
-        qkv = qkv.contiguous()
-        ctx.save_for_backward(qkv, cos, sin, gain)
-        ctx.has_ve = ve is not None
-        return attn_inputs_op(qkv, cos, sin, gain, None if ve is None else ve.contiguous(), heads, kv_heads)
+        qkv, ve, v0 = (None if t is None else t.contiguous() for t in (qkv, ve, v0))
+        ctx.save_for_backward(qkv, cos, sin, gain, ve, v0, lam)
+        return attn_inputs_op(qkv, cos, sin, gain, ve, v0, lam, heads, kv_heads)
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
-        qkv, cos, sin, gain = ctx.saved_tensors
-        g, gpart = attn_inputs_grad(gq.contiguous(), gk.contiguous(), gv.contiguous(), qkv, cos, sin, gain)
+        qkv, cos, sin, gain, ve, v0, lam = ctx.saved_tensors
+        g, gpart, g0, lam_part = attn_inputs_grad(gq.contiguous(), gk.contiguous(), gv.contiguous(), qkv, cos, sin,
+                                                  gain, ve, v0, lam)
         w = gv.size(2) * gv.size(3)
-        g_ve = g[..., -w:].reshape(gv.shape[:2] + (w,)) if ctx.has_ve else None
-        return g, None, None, gpart.sum(0).to(gain.dtype), g_ve, None, None
+        g_ve = g[..., -w:].reshape(gv.shape[:2] + (w,)) if ve is not None else None
+        g_v0, g_lam = (g0, lam_part.sum(0).to(lam.dtype)) if v0 is not None else (None, None)
+        return g, None, None, gpart.sum(0).to(gain.dtype), g_ve, g_v0, g_lam, None, None
 
 
 class FusedXSA(torch.autograd.Function):

@@ -514,13 +514,15 @@ def xsa(y: torch.Tensor, v: torch.Tensor, fused: bool = False) -> torch.Tensor:
     return y - (y * vn).sum(-1, keepdim=True) * vn
 
 
-def attn_inputs(qkv, cos, sin, gain, ve, heads: int, kv_heads: int):
+def attn_inputs(qkv, cos, sin, gain, ve, v0, lam, heads: int, kv_heads: int):
     """q, k, v [B,T,n,D] from the q/k/v matmul's output: q and k RMS-normalized and rotated, q scaled by its
-    per-head gain; v plus the value embedding where the layer has one."""
+    per-head gain; v plus the value embedding where the layer has one, then mixed with layer 0's values v0 by
+    lam (the value residual) where v0 is given."""
     B, T, C = qkv.shape
     D = C // (heads + 2 * kv_heads)
     q, k, v = qkv.view(B, T, -1, D).split((heads, kv_heads, kv_heads), 2)
     v = v if ve is None else v + ve.view_as(v)
+    v = v if v0 is None else lam[0] * v0 + lam[1] * v
     q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
     return q * gain.to(q.dtype)[None, None, :, None], k, v
 
@@ -543,13 +545,10 @@ class Attention(nn.Module):
         qkv = F.linear(x, w)
         ve = None if ve is None else ve.to(qkv.dtype)
         fused = self.fused and kernels_take(qkv) and self.hd & (self.hd - 1) == 0
-        q, k, v = (FusedAttnInputs.apply if fused else attn_inputs)(qkv, *rope, self.q_gain, ve, self.h, self.kv)
-        raw_v = v
-        if v0 is not None:
-            lam = self.vr_lambda.to(x.dtype)
-            v = lam[0] * v0 + lam[1] * v
+        lam = None if v0 is None else self.vr_lambda.to(qkv.dtype)
+        q, k, v = (FusedAttnInputs.apply if fused else attn_inputs)(qkv, *rope, self.q_gain, ve, v0, lam, self.h, self.kv)
         y = xsa(causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd), v, self.fused)
-        return self.proj(y.reshape(B, T, -1), out_scale), raw_v
+        return self.proj(y.reshape(B, T, -1), out_scale), v  # layer 0's v is the value residual's v0
 
 
 class MLP(nn.Module):
@@ -590,10 +589,10 @@ class Block(nn.Module):
     def forward(self, x, x0, rope, v0, ve):
         mix, dt = self.resid_mix.to(x.dtype), x.dtype  # fp32 scales would promote a bf16 stream back to fp32
         x = mix[0] * x + mix[1] * x0
-        a, raw_v = self.attn(rms_norm(x) * self.ln_scale, rope, v0, ve, self.attn_scale)
+        a, v = self.attn(rms_norm(x) * self.ln_scale, rope, v0, ve, self.attn_scale)
         x = x + a.to(dt)
         x = x + self.mlp(rms_norm(x) * self.ln_scale, self.mlp_scale).to(dt)
-        return x, raw_v
+        return x, v
 
 
 class GPT(nn.Module):
@@ -665,9 +664,9 @@ class GPT(nn.Module):
             if i >= self.n_enc and skips:
                 x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
             ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
-            x, raw_v = block(x, x0, rope, v0, ve)
+            x, v = block(x, x0, rope, v0, ve)
             if i == 0:
-                v0 = raw_v
+                v0 = v
             if i < self.n_enc:
                 skips.append(x)
         return rms_norm(x)

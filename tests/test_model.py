@@ -281,31 +281,34 @@ import json, torch
 import train_gpt as tg
 torch.manual_seed(0)
 B, T, H, KV, D, rope_dims = 2, 48, 4, 2, 32, 8
-qkv, ve = torch.randn(B, T, (H + 2 * KV) * D), torch.randn(B, T, KV * D)
-gain = torch.tensor([1.5, 0.7, 2.0, 1.1])
+qkv, ve, v0 = torch.randn(B, T, (H + 2 * KV) * D), torch.randn(B, T, KV * D), torch.randn(B, T, KV, D)
+gain, lam = torch.tensor([1.5, 0.7, 2.0, 1.1]), torch.tensor([0.6, 0.45])
 gs = [torch.randn(B, T, n, D) for n in (H, KV, KV)]
 cos, sin = tg.rope_tables(T, rope_dims, "cpu")
 
-def run(fn, dtype, with_ve):
-    ins = [t.to(dtype).clone().requires_grad_() for t in (qkv, gain, ve)]
-    outs = fn(ins[0], cos, sin, ins[1], ins[2] if with_ve else None, H, KV)
+def run(fn, dtype, with_ve, with_v0):
+    ins = [t.to(dtype).clone().requires_grad_() for t in (qkv, gain, ve, v0, lam)]
+    outs = fn(ins[0], cos, sin, ins[1], ins[2] if with_ve else None, *(ins[3:] if with_v0 else (None, None)), H, KV)
     sum((o * g.to(dtype)).sum() for o, g in zip(outs, gs)).backward()
-    return [t.double() for t in [*outs, *(i.grad for i in ins[:3 if with_ve else 2])]]
+    used = ins[:2] + ins[2:3] * with_ve + ins[3:] * with_v0
+    return [t.double() for t in [*outs, *(i.grad for i in used)]]
 
 res = {}
 for with_ve in (True, False):
-    ref = run(tg.attn_inputs, torch.float64, with_ve)
-    for name, fn, dt in (("fp32", tg.FusedAttnInputs.apply, torch.float32), ("fused", tg.FusedAttnInputs.apply, torch.bfloat16),
-                         ("plain_bf16", tg.attn_inputs, torch.bfloat16)):
-        u = run(fn, dt, with_ve)
-        res.setdefault(name, []).extend(((a - r).norm() / r.norm()).item() for a, r in zip(u, ref))
+    for with_v0 in (True, False):
+        ref = run(tg.attn_inputs, torch.float64, with_ve, with_v0)
+        for name, fn, dt in (("fp32", tg.FusedAttnInputs.apply, torch.float32), ("fused", tg.FusedAttnInputs.apply, torch.bfloat16),
+                             ("plain_bf16", tg.attn_inputs, torch.bfloat16)):
+            u = run(fn, dt, with_ve, with_v0)
+            res.setdefault(name, []).extend(((a - r).norm() / r.norm()).item() for a, r in zip(u, ref))
 print(json.dumps(res))
 """
 
 
 def test_fused_attn_inputs_kernel_matches_the_plain_path():
-    """q/k RMSNorm + RoPE + gain and v + value embedding (Triton, CPU interpreter) against attn_inputs() in fp64:
-    q, k, v and the gradients at qkv, the gains and the value embedding; with and without a value embedding.
+    """q/k RMSNorm + RoPE + gain and v + value embedding, mixed with v0 (Triton, CPU interpreter) against
+    attn_inputs() in fp64: q, k, v and the gradients at qkv, the gains, the value embedding, v0 and the mixing
+    weights; with and without a value embedding, with and without the value residual.
     fp32 tensors check the kernel's math alone (fp32 rounding); bf16 within bf16 rounding (interpreter: ~2x)."""
     pytest.importorskip("triton")
     import json
@@ -318,7 +321,7 @@ def test_fused_attn_inputs_kernel_matches_the_plain_path():
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert max(r["fp32"]) < 1e-5, r
     for fused, plain in zip(r["fused"], r["plain_bf16"]):
-        assert plain < 0.01 and fused < 0.02, r
+        assert plain < 0.02 and fused < 0.02, r  # the gain gradient sums many bf16 products: 1.3e-2 plain
 
 
 PERSISTENT_CHECK = r"""
