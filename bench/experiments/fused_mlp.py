@@ -7,7 +7,8 @@ at the h100 micro-batch shape (98,304 tokens, 512 -> 2048 -> 512, bf16), in one 
     python bench/experiments/fused_mlp.py [--tokens 196608] [--configs "64,128,64,4,3;128,128,64,4,2"]
                                           [--kinds tiled,persistent] [--skip-compiled]
 (--configs: BLOCK_M,BLOCK_N,BLOCK_K,warps,stages;... in place of the built-in sweep, for each of --kinds;
-kinds: fused_kernels' kernel with one program per tile (tiled) or one per SM, its tile loop flattened (persistent).)"""
+kinds: fused_kernels' kernel with one program per tile (tiled) or one per SM, its tile loop flattened (persistent),
+or N per SM (persistentN, e.g. persistent2).)"""
 import argparse
 import os
 import sys
@@ -24,8 +25,16 @@ SWEEP = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128,
 
 
 def launch(kind, a, b, h, out, grad, blocks):
-    """fused_kernels' MLP kernel with these blocks, one program per tile (tiled) or one per SM (persistent)."""
-    fk.launch_mlp_kernel(a, b, h, out, grad, {**blocks, "PERSISTENT": kind == "persistent"})
+    """fused_kernels' MLP kernel with these blocks: one program per tile (tiled), one per SM (persistent), or
+    N per SM (persistentN: resident programs overlap one's epilogue with another's matmul)."""
+    if kind in ("tiled", "persistent"):
+        return fk.launch_mlp_kernel(a, b, h, out, grad, {**blocks, "PERSISTENT": kind == "persistent"})
+    (M, K), N = a.shape, b.size(1)
+    per_sm = int(kind.removeprefix("persistent"))
+    programs = min((M // blocks["BLOCK_M"]) * (N // blocks["BLOCK_N"]),
+                   per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count)
+    fk.mlp_act_mm_kernel[(programs,)](a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                      GRAD=grad, PERSISTENT=True, INTERPRET=False, **blocks)
 
 
 def timed10(fn):
@@ -67,7 +76,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=98304)
     ap.add_argument("--configs", default="")
-    ap.add_argument("--kinds", default="tiled", help="with --configs: any of tiled,persistent")
+    ap.add_argument("--kinds", default="tiled", help="with --configs: any of tiled,persistent,persistentN")
     ap.add_argument("--skip-compiled", action="store_true", help="only the kernel sweep (parts 1)")
     args = ap.parse_args()
     dt = torch.bfloat16
