@@ -6,30 +6,21 @@ q/k/v and dO each either BTHD-viewed or BHTD-contiguous, and K/V either shared (
 to the query heads (the expansion itself not timed). Forward, backward and the kernels' split of one call.
     python bench/experiments/attn_layout.py [--batch 96]"""
 import argparse
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mlp_fusion import timed  # noqa: E402
 
 
 def tensor(layout, B, T, H, D):
     if layout == "bthd":
         return torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     return torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
-
-
-def events_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
 
 
 def variant(qkv_layout, do_layout, expand, B, T=2048, H=8, KV=4, D=64):
@@ -47,7 +38,7 @@ def variant(qkv_layout, do_layout, expand, B, T=2048, H=8, KV=4, D=64):
     def bwd():
         torch.autograd.grad(y, (q, k, v), do, retain_graph=True)
 
-    t_f, t_b = events_ms(fwd), events_ms(bwd)
+    t_f, t_b = timed(fwd, 10), timed(bwd, 10)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         bwd()
         torch.cuda.synchronize()
