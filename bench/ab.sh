@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Step time of several versions of the code on one machine, one after another: bench_train's h100 preset,
+# compiled, 8 steps, each version in its own process. Usage: bash bench/ab.sh LABEL=DIR [LABEL=DIR ...]
+# DIR holds a copy of the repo's code ("." for the working tree), e.g. git archive 8a58909 | tar -x -C runs/ab_x
+# Expects the proxy shards and tokenizer in .proxy; writes DIR's bench output to $OUT/LABEL.txt (OUT default .)
+set -uo pipefail
+OUT=${OUT:-.}
+for pair in "$@"; do
+  label=${pair%%=*} dir=${pair#*=}
+  [ -f "$dir/bench/bench_train.py" ] || { echo "ab.sh: $dir has no bench/bench_train.py" >&2; exit 2; }
+  python "$dir/bench/bench_train.py" --data-path .proxy --presets h100 --steps 8 --paths compiled 2>&1 \
+    | grep -v Warn > "$OUT/$label.txt"
+  grep -h "| h100\|Error\|error" "$OUT/$label.txt" | sed "s/^/$label /"
+done
