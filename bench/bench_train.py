@@ -1,9 +1,9 @@
 """Training throughput per preset: compile seconds, steady-state ms/step, tokens/s, FLOPs/token, utilization,
 peak memory; the paths below side by side in one process:
-  compiled   what train_gpt.py runs: torch.compile, bf16 residual stream, fused MLP kernels
-  unfused    the same without the hand-written Triton kernels (fused_kernels.py) (FUSED_KERNELS=0)
+  compiled   what train_gpt.py runs: torch.compile, bf16 residual stream, the fused kernels of fused_kernels.py
+  unfused    the same without those kernels (FUSED_KERNELS=0)
   mb48       the same with micro-batches of 48 sequences (MICRO_BATCH_SEQS=48; the default is up to 96)
-  eager      the plain path: no torch.compile, no fused MLP kernels, micro-batches of 48
+  eager      the plain path: no torch.compile, no fused kernels, micro-batches of 48
 
     python bench/bench_train.py --data-path .proxy --presets h100,3090 --steps 6
 Environment variables override preset fields as in train_gpt.py (e.g. MICRO_BATCH_SEQS=24).
