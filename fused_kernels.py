@@ -188,10 +188,12 @@ if triton is not None:
             tl.store(k_ptr + k_off + d, out.to(k_ptr.dtype.element_ty), mask=mk)
 
     @triton.jit
-    def values_kernel(qkv_ptr, ve_ptr, v0_ptr, lam_ptr, gv_ptr, v_ptr, g0_ptr, part_ptr, n, col, stride,
-                      W: tl.constexpr, HAS_VE: tl.constexpr, MIX: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    def values_kernel(qkv_ptr, ve_ptr, v0_ptr, lam_ptr, gv_ptr, gv2_ptr, v_ptr, g0_ptr, part_ptr, n, col, stride,
+                      W: tl.constexpr, HAS_VE: tl.constexpr, MIX: tl.constexpr, GRAD: tl.constexpr, GV2: tl.constexpr,
+                      BLOCK: tl.constexpr):
         """The values v_raw = qkv[:, col:col+W] (+ ve [N, W] if HAS_VE). GRAD=0: v [N, W] = v_raw, or with MIX (the
-        value residual) lam0 * v0 + lam1 * v_raw. GRAD=1, from gv (the gradient at v): into qkv's gradient (v_ptr,
+        value residual) lam0 * v0 + lam1 * v_raw. GRAD=1, from gv (the gradient at v; plus gv2 if GV2, the gradient
+        at v's second use, summed here instead of in a pass of its own): into qkv's gradient (v_ptr,
         laid out like qkv) gv, or with MIX lam1 * gv, and then g0 = lam0 * gv (the gradient at v0) and, per
         program, the partial sums of gv * v0 and gv * v_raw (part [programs, 2], fp32): the gradient at lam."""
         e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -199,6 +201,8 @@ if triton is not None:
         src = (e // W) * stride + col + e % W
         if GRAD:
             g = tl.load(gv_ptr + e, mask=ok, other=0.0).to(tl.float32)
+            if GV2:
+                g += tl.load(gv2_ptr + e, mask=ok, other=0.0).to(tl.float32)
         if MIX or not GRAD:
             x = tl.load(qkv_ptr + src, mask=ok, other=0.0).to(tl.float32)
             if HAS_VE:  # rounded as the bf16 sum the plain path makes
@@ -228,11 +232,12 @@ if triton is not None:
 
     VALUES_BLOCK = 1024
 
-    def launch_values(qkv, ve, v0, lam, gv, v, g0, part, w: int, grad: bool):
+    def launch_values(qkv, ve, v0, lam, gv, gv2, v, g0, part, w: int, grad: bool):
         n, C = qkv.size(0) * qkv.size(1) * w, qkv.size(-1)
         torch.library.wrap_triton(values_kernel)[(triton.cdiv(n, VALUES_BLOCK),)](
-            qkv, qkv if ve is None else ve, qkv if v0 is None else v0, qkv if lam is None else lam, gv, v, g0, part,
-            n, C - w, C, W=w, HAS_VE=ve is not None, MIX=v0 is not None, GRAD=grad, BLOCK=VALUES_BLOCK)
+            qkv, qkv if ve is None else ve, qkv if v0 is None else v0, qkv if lam is None else lam, gv,
+            gv if gv2 is None else gv2, v, g0, part, n, C - w, C, W=w, HAS_VE=ve is not None, MIX=v0 is not None,
+            GRAD=grad, GV2=gv2 is not None, BLOCK=VALUES_BLOCK)
 
     @torch.library.triton_op("hqgpt::attn_inputs", mutates_args=())
     def attn_inputs_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
@@ -244,15 +249,16 @@ if triton is not None:
         D = C // (heads + 2 * kv_heads)
         q, k, v = (qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
         launch_qk_inputs(qkv, cos, sin, gain, q, k, q, k, gain, heads, kv_heads, False)  # gq, gk, gpart: unused
-        launch_values(qkv, ve, v0, lam, v, v, v, v, kv_heads * D, False)  # gv, g0, part: unused
+        launch_values(qkv, ve, v0, lam, v, None, v, v, v, kv_heads * D, False)  # gv, g0, part: unused
         return q, k, v
 
     @torch.library.triton_op("hqgpt::attn_inputs_grad", mutates_args=())
-    def attn_inputs_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor, gain: torch.Tensor, ve: Optional[torch.Tensor], v0: Optional[torch.Tensor],
+    def attn_inputs_grad(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, gv2: Optional[torch.Tensor],
+                         qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
+                         ve: Optional[torch.Tensor], v0: Optional[torch.Tensor],
                          lam: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradient at qkv, per-row shares of the gain's gradient and, with v0, the gradient at v0 and per-program
-        shares of lam's (empty without v0), given those at q, k, v."""
+        shares of lam's (empty without v0), given those at q, k, v (and at v's second use, gv2, if given)."""
         B, T, C = qkv.shape
         g = torch.empty_like(qkv)
         gpart = qkv.new_empty(B * T, gq.size(2), dtype=torch.float32)
@@ -261,13 +267,15 @@ if triton is not None:
         g0 = torch.empty_like(gv) if v0 is not None else gv.new_empty(0)
         lam_part = gv.new_empty((triton.cdiv(gv.numel(), VALUES_BLOCK), 2) if v0 is not None else (0, 2),
                                 dtype=torch.float32)
-        launch_values(qkv, ve, v0, lam, gv, g, g0, lam_part, w, True)
+        launch_values(qkv, ve, v0, lam, gv, gv2, g, g0, lam_part, w, True)
         return g, gpart, g0, lam_part
 
 
 class FusedAttnInputs(torch.autograd.Function):
     """attn_inputs() in one Triton pass each way (two kernels: q/k rows, values); inductor spread its backward
-    over five kernels plus a gather of the three gradients into the matmul's, and the value residual over more."""
+    over five kernels plus a gather of the three gradients into the matmul's, and the value residual over more.
+    v comes out twice, for the attention and for XSA: autograd would sum their gradients in a pass of its own,
+    the backward's values kernel sums them as it reads them."""
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, gain, ve, v0, lam, heads, kv_heads):
@@ -275,13 +283,14 @@ class FusedAttnInputs(torch.autograd.Function):
         cos, sin = (t[0, :T, 0].to(qkv.dtype).contiguous() for t in (cos, sin))  # as apply_rope rounds them
         qkv, ve, v0 = (None if t is None else t.contiguous() for t in (qkv, ve, v0))
         ctx.save_for_backward(qkv, cos, sin, gain, ve, v0, lam)
-        return attn_inputs_op(qkv, cos, sin, gain, ve, v0, lam, heads, kv_heads)
+        q, k, v = attn_inputs_op(qkv, cos, sin, gain, ve, v0, lam, heads, kv_heads)
+        return q, k, v, v.view_as(v)
 
     @staticmethod
-    def backward(ctx, gq, gk, gv):
+    def backward(ctx, gq, gk, gv, gv2):
         qkv, cos, sin, gain, ve, v0, lam = ctx.saved_tensors
-        g, gpart, g0, lam_part = attn_inputs_grad(gq.contiguous(), gk.contiguous(), gv.contiguous(), qkv, cos, sin,
-                                                  gain, ve, v0, lam)
+        g, gpart, g0, lam_part = attn_inputs_grad(gq.contiguous(), gk.contiguous(), gv.contiguous(), gv2.contiguous(),
+                                                  qkv, cos, sin, gain, ve, v0, lam)
         w = gv.size(2) * gv.size(3)
         g_ve = g[..., -w:].reshape(gv.shape[:2] + (w,)) if ve is not None else None
         g_v0, g_lam = (g0, lam_part.sum(0).to(lam.dtype)) if v0 is not None else (None, None)

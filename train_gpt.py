@@ -68,7 +68,7 @@ class Config:
     # batch and schedule (spec §2.2, §2.5)
     train_batch_tokens: int = 786432
     train_seq_len: int = 2048
-    micro_batch_seqs: int = 96  # at most this many sequences per rank per forward; grad accumulation does the rest
+    micro_batch_seqs: int = 128  # at most this many sequences per rank per forward; grad accumulation does the rest
     iterations: int = 9000
     warmup_steps: int = 180
     warmdown_iters: int = 3500
@@ -379,11 +379,14 @@ class TrainLoader:
 
     def __init__(self, cfg: Config, d: Dist):
         seqs = cfg.train_batch_tokens // cfg.train_seq_len
-        # A rank whose share is smaller (8 GPUs: 48 sequences each) runs it in one micro-batch.
-        self.T, self.m, self.d = cfg.train_seq_len, min(cfg.micro_batch_seqs, max(seqs // d.world, 1)), d
-        if seqs % (d.world * self.m):
-            raise InputError(f"{seqs} sequences per step do not split into {d.world} ranks x micro-batches of "
-                             f"{self.m} (set MICRO_BATCH_SEQS to a divisor of {seqs // d.world})")
+        if seqs == 0 or seqs % d.world:
+            raise InputError(f"{seqs} sequences of {cfg.train_seq_len} tokens per step (TRAIN_BATCH_TOKENS) do not "
+                             f"split evenly over {d.world} ranks")
+        # The largest micro-batch within the cap that divides the rank's share: 1 GPU runs 384 sequences as
+        # 3 x 128, 2 GPUs 192 as 2 x 96, 8 GPUs 48 as one.
+        share = seqs // d.world
+        self.T, self.d = cfg.train_seq_len, d
+        self.m = max(m for m in range(1, min(cfg.micro_batch_seqs, share) + 1) if share % m == 0)
         self.seqs, self.accum = seqs, seqs // (d.world * self.m)
         self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size)
 
@@ -546,8 +549,12 @@ class Attention(nn.Module):
         ve = None if ve is None else ve.to(qkv.dtype)
         fused = self.fused and kernels_take(qkv) and self.hd & (self.hd - 1) == 0
         lam = None if v0 is None else self.vr_lambda.to(qkv.dtype)
-        q, k, v = (FusedAttnInputs.apply if fused else attn_inputs)(qkv, *rope, self.q_gain, ve, v0, lam, self.h, self.kv)
-        y = xsa(causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd), v, self.fused)
+        if fused:  # v twice (the attention's, XSA's): their gradients are summed inside the kernel
+            q, k, v, v_xsa = FusedAttnInputs.apply(qkv, *rope, self.q_gain, ve, v0, lam, self.h, self.kv)
+        else:
+            q, k, v = attn_inputs(qkv, *rope, self.q_gain, ve, v0, lam, self.h, self.kv)
+            v_xsa = v
+        y = xsa(causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd), v_xsa, self.fused)
         return self.proj(y.reshape(B, T, -1), out_scale), v  # layer 0's v is the value residual's v0
 
 

@@ -283,8 +283,12 @@ torch.manual_seed(0)
 B, T, H, KV, D, rope_dims = 2, 48, 4, 2, 32, 8
 qkv, ve, v0 = torch.randn(B, T, (H + 2 * KV) * D), torch.randn(B, T, KV * D), torch.randn(B, T, KV, D)
 gain, lam = torch.tensor([1.5, 0.7, 2.0, 1.1]), torch.tensor([0.6, 0.45])
-gs = [torch.randn(B, T, n, D) for n in (H, KV, KV)]
+gs = [torch.randn(B, T, n, D) for n in (H, KV, KV, KV)]  # at q, k, v and v's second use (XSA's)
 cos, sin = tg.rope_tables(T, rope_dims, "cpu")
+
+def plain(*args):  # v twice, as the fused op returns it
+    q, k, v = tg.attn_inputs(*args)
+    return q, k, v, v
 
 def run(fn, dtype, with_ve, with_v0):
     ins = [t.to(dtype).clone().requires_grad_() for t in (qkv, gain, ve, v0, lam)]
@@ -296,9 +300,9 @@ def run(fn, dtype, with_ve, with_v0):
 res = {}
 for with_ve in (True, False):
     for with_v0 in (True, False):
-        ref = run(tg.attn_inputs, torch.float64, with_ve, with_v0)
+        ref = run(plain, torch.float64, with_ve, with_v0)
         for name, fn, dt in (("fp32", tg.FusedAttnInputs.apply, torch.float32), ("fused", tg.FusedAttnInputs.apply, torch.bfloat16),
-                             ("plain_bf16", tg.attn_inputs, torch.bfloat16)):
+                             ("plain_bf16", plain, torch.bfloat16)):
             u = run(fn, dt, with_ve, with_v0)
             res.setdefault(name, []).extend(((a - r).norm() / r.norm()).item() for a, r in zip(u, ref))
 print(json.dumps(res))
@@ -308,7 +312,8 @@ print(json.dumps(res))
 def test_fused_attn_inputs_kernel_matches_the_plain_path():
     """q/k RMSNorm + RoPE + gain and v + value embedding, mixed with v0 (Triton, CPU interpreter) against
     attn_inputs() in fp64: q, k, v and the gradients at qkv, the gains, the value embedding, v0 and the mixing
-    weights; with and without a value embedding, with and without the value residual.
+    weights, v's two uses carrying gradients of their own; with and without a value embedding, with and without
+    the value residual.
     fp32 tensors check the kernel's math alone (fp32 rounding); bf16 within bf16 rounding (interpreter: ~2x)."""
     pytest.importorskip("triton")
     import json

@@ -188,19 +188,28 @@ def test_build_config_degenerate_values_are_input_errors(flags, words):
     assert words in str(e.value), str(e.value)
 
 
-def test_micro_batch_that_does_not_divide_is_an_input_error(tmp_path):
-    cfg = smoke_cfg(tmp_path, micro_batch_seqs=5)
-    with pytest.raises(tg.InputError, match="MICRO_BATCH_SEQS"):
-        tg.TrainLoader(cfg, dist1())
+def test_a_step_that_does_not_split_over_the_ranks_is_an_input_error(tmp_path):
+    cfg = smoke_cfg(tmp_path)  # 32 sequences per step
+    with pytest.raises(tg.InputError, match="TRAIN_BATCH_TOKENS"):
+        tg.TrainLoader(cfg, tg.Dist(0, 3, torch.device("cpu")))
 
 
-@pytest.mark.parametrize("world,m,accum", [(1, 32, 1), (2, 16, 1), (4, 8, 1)])
-def test_micro_batch_is_capped_at_a_ranks_share(tmp_path, world, m, accum):
-    # 32 sequences per step; MICRO_BATCH_SEQS=64 is an upper bound (8xH100 runs the default 96 as 48 per rank)
-    cfg = smoke_cfg(tmp_path, micro_batch_seqs=64)
+@pytest.mark.parametrize("world,cap,m,accum", [(1, 64, 32, 1), (2, 64, 16, 1), (4, 64, 8, 1), (1, 5, 4, 8),
+                                               (1, 12, 8, 4), (2, 3, 2, 8), (1, 1, 1, 32)])
+def test_micro_batch_is_the_largest_divisor_of_a_ranks_share_within_the_cap(tmp_path, world, cap, m, accum):
+    # 32 sequences per step; MICRO_BATCH_SEQS is an upper bound (the h100 preset's 128: 1 GPU 3 x 128, 8 GPUs 1 x 48)
+    cfg = smoke_cfg(tmp_path, micro_batch_seqs=cap)
     loader = tg.TrainLoader(cfg, tg.Dist(0, world, torch.device("cpu")))
     assert (loader.m, loader.accum) == (m, accum)
-    assert all(x.shape == (m, cfg.train_seq_len) for x, _ in loader.next_step())
+    batches = loader.next_step()
+    assert len(batches) == accum and all(x.shape == (m, cfg.train_seq_len) for x, _ in batches)
+
+
+@pytest.mark.parametrize("world,m,accum", [(1, 128, 3), (2, 96, 2), (4, 96, 1), (8, 48, 1)])
+def test_h100_preset_micro_batches(world, m, accum):
+    cfg = tg.build_config("h100", flags={"data_path": str(DATA)}, env={})
+    loader = tg.TrainLoader(cfg, tg.Dist(0, world, torch.device("cpu")))
+    assert (loader.m, loader.accum) == (m, accum)
 
 
 # ---------------------------------------------------------------------------------------------------
