@@ -101,51 +101,81 @@ if triton is not None:
 
 
     @triton.jit
-    def xsa_kernel(y_ptr, v_ptr, go_ptr, out_ptr, gv_ptr, R, GRAD: tl.constexpr, G: tl.constexpr,
-                   D: tl.constexpr, BLOCK_R: tl.constexpr):
-        """XSA over rows r = (token, KV head): v[r] is [D], y[r] the [G, D] outputs of the heads sharing it.
-        GRAD=0: out = y - (y.vn) vn with vn = v / max(|v|, eps). GRAD=1: given go, the gradient at out,
-        out = gradient at y and gv = gradient at v (through the normalization). fp32 math; I/O in the tensors' dtype."""
+    def xsa_kernel(y_ptr, v_ptr, out_ptr, R, G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """XSA over rows r = (token, KV head): v[r] is [D], y[r] the [G, D] outputs of the heads sharing it;
+        out = y - (y.vn) vn with vn = v / max(|v|, eps). fp32 math; I/O in the tensors' dtype."""
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = r < R
         d = tl.arange(0, D)
         v = tl.load(v_ptr + r[:, None] * D + d[None, :], mask=ok[:, None]).to(tl.float32)
         y_off = r[:, None, None] * (G * D) + tl.arange(0, G)[None, :, None] * D + d[None, None, :]
         y = tl.load(y_ptr + y_off, mask=ok[:, None, None]).to(tl.float32)
+        vn = (v / tl.maximum(tl.sqrt(tl.sum(v * v, 1)), 1e-12)[:, None])[:, None, :]  # F.normalize's eps
+        tl.store(out_ptr + y_off, (y - tl.sum(y * vn, 2)[:, :, None] * vn).to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None, None])
+
+    @triton.jit
+    def xsa_grad(go, y, v, BLOCK_R: tl.constexpr, D: tl.constexpr):
+        """XSA's backward on fp32 tiles: go and y [BLOCK_R, G, D] (the gradient at XSA's output and its input),
+        v [BLOCK_R, D] -> (the gradient at y, the gradient at v through the normalization)."""
         norm = tl.sqrt(tl.sum(v * v, 1))
         inv = 1.0 / tl.maximum(norm, 1e-12)  # F.normalize's eps
         vn = (v * inv[:, None])[:, None, :]
-        s = tl.sum(y * vn, 2)[:, :, None]
-        if GRAD:
-            go = tl.load(go_ptr + y_off, mask=ok[:, None, None]).to(tl.float32)
-            t = tl.sum(go * vn, 2)[:, :, None]
-            tl.store(out_ptr + y_off, (go - t * vn).to(out_ptr.dtype.element_ty), mask=ok[:, None, None])
-            gvn = -tl.sum(s * go + t * y, 1)
-            vn = tl.reshape(vn, (BLOCK_R, D))
-            proj = tl.where(norm[:, None] > 1e-12, tl.sum(gvn * vn, 1)[:, None] * vn, 0.0)  # clamped: none
-            tl.store(gv_ptr + r[:, None] * D + d[None, :], ((gvn - proj) * inv[:, None]).to(gv_ptr.dtype.element_ty),
-                     mask=ok[:, None])
-        else:
-            tl.store(out_ptr + y_off, (y - s * vn).to(out_ptr.dtype.element_ty), mask=ok[:, None, None])
+        s, t = tl.sum(y * vn, 2)[:, :, None], tl.sum(go * vn, 2)[:, :, None]
+        gvn = -tl.sum(s * go + t * y, 1)
+        vn2 = tl.reshape(vn, (BLOCK_R, D))
+        proj = tl.where(norm[:, None] > 1e-12, tl.sum(gvn * vn2, 1)[:, None] * vn2, 0.0)  # clamped: none
+        return go - t * vn, (gvn - proj) * inv[:, None]
 
-    def launch_xsa_kernel(y, v, go, out, gv, grad: bool):
+    @triton.jit
+    def xsa_proj_grad_kernel(gz_ptr, w_ptr, y_ptr, v_ptr, gy_ptr, gv_ptr, M, N, K, G: tl.constexpr, D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+        """Gradients at XSA's inputs y [M, KV, G, D] and v [M, KV, D], from gz [M, K], the gradient at
+        xsa(y, v) @ w.T: each program takes BLOCK_M rows of one KV head's G*D columns of go = gz @ w (w [K, N])
+        and runs XSA's backward on them in its epilogue, so go never goes to memory."""
+        j, rm = tl.program_id(0), tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = rm < M
+        rn = j * (G * D) + tl.arange(0, G * D)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, G * D), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            ta = tl.load(gz_ptr + rm[:, None] * K + (k + rk[None, :]), mask=ok[:, None], other=0.0)
+            tb = tl.load(w_ptr + (k + rk[:, None]) * N + rn[None, :])
+            if INTERPRET:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers; fp32 is exact
+                ta, tb = ta.to(tl.float32), tb.to(tl.float32)
+            acc = tl.dot(ta, tb, acc)
+        go = tl.reshape(acc.to(gz_ptr.dtype.element_ty).to(tl.float32), (BLOCK_M, G, D))  # as a matmul stores it
+        d = tl.arange(0, D)
+        y_off = rm[:, None, None] * N + j * (G * D) + tl.arange(0, G)[None, :, None] * D + d[None, None, :]
+        v_off = rm[:, None] * (N // G) + j * D + d[None, :]
+        y = tl.load(y_ptr + y_off, mask=ok[:, None, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + v_off, mask=ok[:, None], other=0.0).to(tl.float32)
+        gy, gv = xsa_grad(go, y, v, BLOCK_M, D)
+        tl.store(gy_ptr + y_off, gy.to(gy_ptr.dtype.element_ty), mask=ok[:, None, None])
+        tl.store(gv_ptr + v_off, gv.to(gv_ptr.dtype.element_ty), mask=ok[:, None])
+
+    # H100, 262,144 rows: 0.519 ms against 0.592 for cuBLAS's go plus an XSA backward kernel reading it back (the
+    # fastest of 10 configurations, bench/experiments/xsa_proj.py). 56 KB of shared memory: fits Ampere too.
+    XSA_PROJ_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3)
+
+    def launch_xsa_proj_grad(gz, w, y, v, gy, gv, blocks: dict):
+        (M, K), N = gz.shape, w.size(1)
         G, D = y.shape[-2:]
-        R, block = v.numel() // D, 64
-        torch.library.wrap_triton(xsa_kernel)[(triton.cdiv(R, block),)](
-            y, v, go, out, gv, R, GRAD=grad, G=G, D=D, BLOCK_R=block, num_warps=4)
+        torch.library.wrap_triton(xsa_proj_grad_kernel)[(N // (G * D), triton.cdiv(M, blocks["BLOCK_M"]))](
+            gz, w, y, v, gy, gv, M, N, K, G=G, D=D, INTERPRET=gz.device.type == "cpu", **blocks)
 
     @torch.library.triton_op("hqgpt::xsa_fwd", mutates_args=())
     def xsa_fwd(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(y)
-        launch_xsa_kernel(y, v, y, out, v, False)
+        G, D = y.shape[-2:]
+        out, R = torch.empty_like(y), v.numel() // D
+        torch.library.wrap_triton(xsa_kernel)[(triton.cdiv(R, 64),)](y, v, out, R, G=G, D=D, BLOCK_R=64, num_warps=4)
         return out
 
-    @torch.library.triton_op("hqgpt::xsa_bwd", mutates_args=())
-    def xsa_bwd(go: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.library.triton_op("hqgpt::xsa_proj_grad", mutates_args=())
+    def xsa_proj_grad(gz: torch.Tensor, w: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gy, gv = torch.empty_like(y), torch.empty_like(v)
-        launch_xsa_kernel(y, v, go, gy, gv, True)
+        launch_xsa_proj_grad(gz, w, y, v, gy, gv, XSA_PROJ_BLOCKS)
         return gy, gv
-
 
     @triton.jit
     def qk_inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, gain_ptr, gq_ptr, gk_ptr, q_ptr, k_ptr, gpart_ptr, R, T,
@@ -297,18 +327,24 @@ class FusedAttnInputs(torch.autograd.Function):
         return g, None, None, gpart.sum(0).to(gain.dtype), g_ve, g_v0, g_lam, None, None
 
 
-class FusedXSA(torch.autograd.Function):
-    """xsa() in one Triton pass each way (bf16, contiguous): inductor spread its backward over five kernels."""
+class FusedXSAProj(torch.autograd.Function):
+    """The output projection of XSA's output, xsa(y, v) @ w.T, on bf16 y [..., KV, G, D], v [..., KV, D], w [K, KV*G*D].
+    Forward: one Triton pass for XSA, then cuBLAS. Backward: XSA's backward rides in the epilogue of the matmul
+    that gives the gradient at XSA's output (inductor spread XSA's backward over five kernels)."""
 
     @staticmethod
-    def forward(ctx, y, v):
+    def forward(ctx, y, v, w):
         y, v = y.contiguous(), v.contiguous()
-        ctx.save_for_backward(y, v)  # the attention saves both anyway
-        return xsa_fwd(y, v)
+        out = xsa_fwd(y, v).view(-1, w.size(1))
+        ctx.save_for_backward(y, v, w, out)  # the attention saves y and v anyway; out is the matmul's input
+        return out @ w.t()
 
     @staticmethod
-    def backward(ctx, go):
-        return xsa_bwd(go.contiguous(), *ctx.saved_tensors)
+    def backward(ctx, gz):
+        y, v, w, out = ctx.saved_tensors
+        gz = gz.reshape(-1, w.size(0)).contiguous()
+        gy, gv = xsa_proj_grad(gz, w.contiguous(), y, v)
+        return gy, gv, gz.t() @ out if ctx.needs_input_grad[2] else None  # TTT's frozen blocks: no weight gradient
 
 
 class FusedMLP(torch.autograd.Function):

@@ -36,7 +36,7 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attn
 except ImportError:
     fa3_attn = None
-from fused_kernels import TRITON_ON_CPU, FusedAttnInputs, FusedMLP, FusedXSA, mlp_kernel_blocks, triton  # noqa: E402
+from fused_kernels import TRITON_ON_CPU, FusedAttnInputs, FusedMLP, FusedXSAProj, mlp_kernel_blocks, triton  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -506,15 +506,19 @@ def kernels_take(t: torch.Tensor) -> bool:
     return (t.is_cuda or TRITON_ON_CPU) and t.dtype == torch.bfloat16
 
 
-def xsa(y: torch.Tensor, v: torch.Tensor, fused: bool = False) -> torch.Tensor:
+def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA: drop from each head's output its component along its own value vector.
     y [B,T,KV,G,D] (G query heads share a KV head), v [B,T,KV,D]."""
-    v = v.to(y.dtype)
-    G, D = y.shape[-2:]
-    if fused and kernels_take(y) and G & (G - 1) == 0 and D & (D - 1) == 0:
-        return FusedXSA.apply(y, v)
-    vn = F.normalize(v, dim=-1).unsqueeze(3)
+    vn = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
     return y - (y * vn).sum(-1, keepdim=True) * vn
+
+
+def xsa_proj(y: torch.Tensor, v: torch.Tensor, proj: "QATLinear", out_scale=None, fused: bool = False) -> torch.Tensor:
+    """proj(xsa(y, v)) -> [B,T,dim]; fused: FusedXSAProj (XSA's backward inside the projection's)."""
+    B, T, KV, G, D = y.shape
+    if fused and kernels_take(y) and G & (G - 1) == 0 and D & (D - 1) == 0 and proj.weight.size(0) % 64 == 0:
+        return FusedXSAProj.apply(y, v.to(y.dtype), proj.weight_as(y.dtype, out_scale)).view(B, T, -1)
+    return proj(xsa(y, v).reshape(B, T, -1), out_scale)
 
 
 def attn_inputs(qkv, cos, sin, gain, ve, v0, lam, heads: int, kv_heads: int):
@@ -554,8 +558,8 @@ class Attention(nn.Module):
         else:
             q, k, v = attn_inputs(qkv, *rope, self.q_gain, ve, v0, lam, self.h, self.kv)
             v_xsa = v
-        y = xsa(causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd), v_xsa, self.fused)
-        return self.proj(y.reshape(B, T, -1), out_scale), v  # layer 0's v is the value residual's v0
+        y = causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd)
+        return xsa_proj(y, v_xsa, self.proj, out_scale, self.fused), v  # layer 0's v is the value residual's v0
 
 
 class MLP(nn.Module):

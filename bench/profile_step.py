@@ -51,7 +51,7 @@ def attention_variants(B=48, T=2048, H=8, KV=4, D=64):
         print(f"  {n:<24} {t} ms")
 
 
-OUR_KERNELS = ("mlp_act_mm", "xsa_kernel", "qk_inputs_kernel", "values_kernel")  # fused_kernels.py
+OUR_KERNELS = ("mlp_act_mm", "xsa_kernel", "xsa_proj_grad_kernel", "qk_inputs_kernel", "values_kernel")  # fused_kernels.py
 
 
 def gpu_idle(prof, show=12):

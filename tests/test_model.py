@@ -226,41 +226,55 @@ XSA_CHECK = r"""
 import json, torch
 import train_gpt as tg
 calls = []
-apply = tg.FusedXSA.apply
-tg.FusedXSA.apply = lambda *a: calls.append(1) or apply(*a)
+apply = tg.FusedXSAProj.apply
+tg.FusedXSAProj.apply = lambda *a: calls.append(1) or apply(*a)
 torch.manual_seed(0)
-y, v, go = torch.randn(2, 64, 2, 2, 64), torch.randn(2, 64, 2, 64), torch.randn(2, 64, 2, 2, 64)
+B, T, KV, G, D, dim = 2, 48, 2, 2, 32, 128  # 96 rows: not a multiple of the kernel's 64-row blocks
+y, v, gz = torch.randn(B, T, KV, G, D), torch.randn(B, T, KV, D), torch.randn(B, T, dim)
 v[0, 3, 1] *= 1e-14  # |v| below F.normalize's eps: the clamped branch, whose gradient has no projection
+w0, scale = torch.randn(dim, KV * G * D) / (KV * G * D) ** 0.5, 0.5 + torch.rand(dim)
+proj = tg.QATLinear(KV * G * D, dim, tg.INT5)
+proj.quantized = False  # the quantizer rounds bf16 and fp64 weights to different levels; tested on its own
 
 def run(dtype, fused):
-    yi, vi = y.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()
-    out = tg.xsa(yi, vi, fused)
-    out.backward(go.to(dtype))
-    return [t.double() for t in (out.detach(), yi.grad, vi.grad)]
+    proj.weight = torch.nn.Parameter(w0.to(dtype))
+    yi, vi, si = (t.to(dtype).requires_grad_() for t in (y, v, scale))
+    out = tg.xsa_proj(yi, vi, proj, si, fused)
+    out.backward(gz.to(dtype))
+    return [t.double() for t in (out.detach(), yi.grad, vi.grad, proj.weight.grad, si.grad)]
 
 ref = run(torch.float64, False)
-def err(u):  # relative errors of out, grad y, grad v (normal rows), grad v (the clamped row)
+keep = torch.ones(B, T, KV, dtype=torch.bool)
+keep[0, 3, 1] = False
+def err(u):  # relative errors of out, grad y, grad v (normal rows), grad w, grad scale, grad v (the clamped row)
     e = [((a - r).norm() / r.norm()).item() for a, r in zip(u, ref)]
-    keep = torch.ones(2, 64, 2, dtype=torch.bool)
-    keep[0, 3, 1] = False
     e[2] = ((u[2][keep] - ref[2][keep]).norm() / ref[2][keep].norm()).item()
     return e + [((u[2][0, 3, 1] - ref[2][0, 3, 1]).norm() / ref[2][0, 3, 1].norm()).item()]
 
 fused = err(run(torch.bfloat16, True))
 n_fused = len(calls)
-yi, vi = y.clone().requires_grad_(), v.clone().requires_grad_()  # the kernel's math alone: fp32 in and out
-out = apply(yi, vi)
-out.backward(go)
-fp32 = err([t.double() for t in (out.detach(), yi.grad, vi.grad)])
-print(json.dumps({"fused": fused, "plain_bf16": err(run(torch.bfloat16, False)), "fused_calls": n_fused,
-                  "calls": len(calls), "fp32": fp32}))
+plain = err(run(torch.bfloat16, False))
+# the kernels' math alone: fp32 in and out, the weight scaled as the layers pass it
+proj.weight = torch.nn.Parameter(w0.clone())
+w = proj.weight_as(torch.float32, scale).detach().requires_grad_()
+yi, vi = y.clone().requires_grad_(), v.clone().requires_grad_()
+out = apply(yi, vi, w).view(B, T, dim)
+out.backward(gz)
+wr = w.detach().double().requires_grad_()
+yr, vr = y.double().requires_grad_(), v.double().requires_grad_()
+outr = tg.xsa(yr, vr).reshape(B, T, -1) @ wr.t()
+outr.backward(gz.double())
+fp32 = [((a.double() - r).norm() / r.norm()).item() for a, r in
+        ((out.detach(), outr.detach()), (yi.grad, yr.grad), (vi.grad[keep], vr.grad[keep]), (w.grad, wr.grad))]
+print(json.dumps({"fused": fused, "plain_bf16": plain, "fused_calls": n_fused, "calls": len(calls), "fp32": fp32}))
 """
 
 
-def test_fused_xsa_kernel_matches_the_plain_xsa():
-    """XSA's Triton kernels (CPU interpreter) against fp64: output and both gradients, a row whose value vector
-    is below the normalization's eps included; in bf16 within bf16 rounding (interpreter: ~2x, see above),
-    and with fp32 tensors (the kernel's math alone) within fp32 rounding."""
+def test_fused_xsa_proj_matches_the_plain_path():
+    """XSA and the output projection (Triton kernels, CPU interpreter) against xsa() + QATLinear in fp64: output
+    and the gradients at y, v, the weight and the output scale, a row whose value vector is below the
+    normalization's eps included; in bf16 within bf16 rounding (interpreter: ~2x, see above), and with fp32
+    tensors (the kernels' math alone) within fp32 rounding."""
     pytest.importorskip("triton")
     import json
     import os
@@ -334,7 +348,7 @@ import json, torch
 import train_gpt as tg
 assert tg.TRITON_ON_CPU
 calls = {}
-for name in ("FusedMLP", "FusedXSA", "FusedAttnInputs"):
+for name in ("FusedMLP", "FusedXSAProj", "FusedAttnInputs"):
     fn = getattr(tg, name).apply
     setattr(getattr(tg, name), "apply", (lambda f, n: lambda *a: calls.__setitem__(n, calls.get(n, 0) + 1) or f(*a))(fn, name))
 cfg = tg.build_config("smoke", flags=dict(train_seq_len=128), env={})
@@ -382,7 +396,7 @@ def test_fused_kernels_in_the_whole_model_match_the_plain_path():
     out = subprocess.run([sys.executable, "-c", MODEL_FUSED_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["plain_calls"] == {} and r["fused_calls"] == {"FusedAttnInputs": 4, "FusedXSA": 4, "FusedMLP": 4}, r
+    assert r["plain_calls"] == {} and r["fused_calls"] == {"FusedAttnInputs": 4, "FusedXSAProj": 4, "FusedMLP": 4}, r
     assert r["plain"].keys() == r["fused"].keys() and len(r["fused"]) > 50, r
     for name, err in r["fused"].items():
         assert err < 0.25, (name, err)
