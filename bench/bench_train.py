@@ -2,7 +2,7 @@
 peak memory; the paths below side by side in one process:
   compiled   what train_gpt.py runs: torch.compile, bf16 residual stream, the fused kernels of fused_kernels.py
   unfused    the same without those kernels (FUSED_KERNELS=0)
-  mb48       the same with micro-batches of 48 sequences (MICRO_BATCH_SEQS=48; the default is up to 96)
+  mb48       the same with micro-batches of 48 sequences (MICRO_BATCH_SEQS=48; the default is up to 128)
   eager      the plain path: no torch.compile, no fused kernels, micro-batches of 48
 
     python bench/bench_train.py --data-path .proxy --presets h100,3090 --steps 6

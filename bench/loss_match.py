@@ -1,7 +1,7 @@
 """Does the fast path compute the same thing? The first N training losses (same seed, same batches, the
 real lr warm-up) of three paths of the h100 preset, side by side:
   plain          eager (no torch.compile), fp32 residual stream, no fused MLP kernels, micro-batches of 48
-                 (the default 96 would not fit in 80 GB eager; micro-batching changes only the summation order)
+                 (the default 128 would not fit in 80 GB eager; micro-batching changes only the summation order)
   compiled-fp32  torch.compile, fp32 residual stream, no fused MLP kernels: the size of bf16 kernel noise alone
   fast           torch.compile, bf16 residual stream, fused MLP kernels (the default)
 
