@@ -30,6 +30,12 @@ def mlp_kernel_blocks(device: torch.device, grad: bool) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4, PERSISTENT=False)
 
 
+# H100, 262,144 rows: 0.514 ms against 0.611 for cuBLAS's go plus an XSA backward kernel reading it back (the
+# fastest of 13 configurations, bench/experiments/xsa_proj.py). Triton reports 24 KB of shared memory for sm_86
+# too. The projection's output width must be a multiple of BLOCK_K (the caller checks).
+XSA_PROJ_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
 if triton is not None:
     @triton.jit
     def grouped_tile(t, n_m, n_n, GROUP_M: tl.constexpr):
@@ -153,10 +159,6 @@ if triton is not None:
         gy, gv = xsa_grad(go, y, v, BLOCK_M, D)
         tl.store(gy_ptr + y_off, gy.to(gy_ptr.dtype.element_ty), mask=ok[:, None, None])
         tl.store(gv_ptr + v_off, gv.to(gv_ptr.dtype.element_ty), mask=ok[:, None])
-
-    # H100, 262,144 rows: 0.519 ms against 0.592 for cuBLAS's go plus an XSA backward kernel reading it back (the
-    # fastest of 10 configurations, bench/experiments/xsa_proj.py). 56 KB of shared memory: fits Ampere too.
-    XSA_PROJ_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3)
 
     def launch_xsa_proj_grad(gz, w, y, v, gy, gv, blocks: dict):
         (M, K), N = gz.shape, w.size(1)

@@ -36,7 +36,8 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as fa3_attn
 except ImportError:
     fa3_attn = None
-from fused_kernels import TRITON_ON_CPU, FusedAttnInputs, FusedMLP, FusedXSAProj, mlp_kernel_blocks, triton  # noqa: E402
+from fused_kernels import (TRITON_ON_CPU, XSA_PROJ_BLOCKS, FusedAttnInputs, FusedMLP, FusedXSAProj,  # noqa: E402
+                           mlp_kernel_blocks, triton)
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -513,10 +514,11 @@ def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y - (y * vn).sum(-1, keepdim=True) * vn
 
 
-def xsa_proj(y: torch.Tensor, v: torch.Tensor, proj: "QATLinear", out_scale=None, fused: bool = False) -> torch.Tensor:
+def xsa_proj(y: torch.Tensor, v: torch.Tensor, proj: QATLinear, out_scale=None, fused: bool = False) -> torch.Tensor:
     """proj(xsa(y, v)) -> [B,T,dim]; fused: FusedXSAProj (XSA's backward inside the projection's)."""
     B, T, KV, G, D = y.shape
-    if fused and kernels_take(y) and G & (G - 1) == 0 and D & (D - 1) == 0 and proj.weight.size(0) % 64 == 0:
+    whole = proj.weight.size(0) % XSA_PROJ_BLOCKS["BLOCK_K"] == 0
+    if fused and kernels_take(y) and G & (G - 1) == 0 and D & (D - 1) == 0 and whole:
         return FusedXSAProj.apply(y, v.to(y.dtype), proj.weight_as(y.dtype, out_scale)).view(B, T, -1)
     return proj(xsa(y, v).reshape(B, T, -1), out_scale)
 
