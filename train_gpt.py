@@ -969,7 +969,6 @@ def load_checkpoint(path: str, device) -> dict:
 
 def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GPT, dict]:
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     check_shards(shard_files(cfg.data_path, "train") + shard_files(cfg.data_path, "val"), cfg.vocab_size, d)
     model = GPT(cfg).to(d.device)
     for p in model.parameters():  # one initialization for all ranks, whatever their RNG did
