@@ -1,10 +1,18 @@
 """Hand-written Triton kernels for train_gpt.py's memory-bound hot spots, each a torch.library.triton_op (so
 torch.compile sees through it) behind an autograd.Function; train_gpt.py falls back to plain PyTorch where a
 kernel does not apply (FUSED_KERNELS=0, no Triton, fp32, odd shapes). Counted as code (train_gpt.CODE_FILES).
-On CPU, TRITON_INTERPRET=1 runs them through Triton's interpreter: that is how the tests check them."""
+On CPU, TRITON_INTERPRET=1 runs them through Triton's interpreter: that is how the tests check them.
+On Hopper the MLP's two kernels can instead be CUTLASS's (cutlass_mlp.cu, built here with nvcc)."""
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import hashlib
 import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -349,6 +357,121 @@ class FusedXSAProj(torch.autograd.Function):
         return gy, gv, gz.t() @ out if ctx.needs_input_grad[2] else None  # TTT's frozen blocks: no weight gradient
 
 
+# ----- CUTLASS's MLP kernels (Hopper) -----
+CUTLASS_SOURCE = Path(__file__).with_name("cutlass_mlp.cu")
+cutlass_lib: Optional[ctypes.CDLL] = None  # set by enable_cutlass_mlp; FusedMLP then runs CUTLASS's kernels
+
+
+def cutlass_include() -> Optional[Path]:
+    """CUTLASS 3's source tree (include/, tools/util/include/): $CUTLASS_PATH, else the nvidia-cutlass wheel's."""
+    if os.environ.get("CUTLASS_PATH"):
+        return Path(os.environ["CUTLASS_PATH"])
+    import importlib.util
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "source"
+    return root if (root / "include" / "cutlass" / "cutlass.h").exists() else None
+
+
+def cutlass_build_command(nvcc: str, include: Path, out: Path) -> list[str]:
+    return [nvcc, "-std=c++17", "-O3", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
+            f"-I{include / 'include'}", f"-I{include / 'tools' / 'util' / 'include'}", "--expt-relaxed-constexpr",
+            "-Xcompiler", "-fPIC", "-shared", "-cudart", "static", "-o", str(out), str(CUTLASS_SOURCE)]
+
+
+def build_cutlass_mlp(build_dir: Path) -> Path:
+    """Compile cutlass_mlp.cu once per (source, nvcc, CUTLASS) into build_dir; ranks sharing the directory wait on
+    one lock and then find the library. Raises RuntimeError saying what is missing."""
+    nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    include = cutlass_include()
+    if not Path(nvcc).exists():
+        raise RuntimeError("no nvcc (on PATH or in $CUDA_HOME/bin)")
+    if include is None:
+        raise RuntimeError("no CUTLASS headers (pip install nvidia-cutlass, or set CUTLASS_PATH)")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(CUTLASS_SOURCE.read_bytes() + version.encode() + str(include).encode()).hexdigest()[:16]
+    build_dir.mkdir(parents=True, exist_ok=True)
+    out = build_dir / f"cutlass_mlp_{key}.so"
+    with open(build_dir / f"cutlass_mlp_{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            r = subprocess.run(cutlass_build_command(nvcc, include, tmp), capture_output=True, text=True)
+            if r.returncode:
+                tmp.unlink(missing_ok=True)
+                raise RuntimeError(f"nvcc failed on {CUTLASS_SOURCE.name}:\n{r.stderr[-3000:]}")
+            os.replace(tmp, out)
+    return out
+
+
+def enable_cutlass_mlp(device: torch.device, build_dir: Path) -> str:
+    """Use CUTLASS's MLP kernels on a Hopper GPU if they build; returns what happened, for the log."""
+    global cutlass_lib
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return "off (not a Hopper GPU)"
+    t0 = time.perf_counter()
+    try:
+        lib = ctypes.CDLL(str(build_cutlass_mlp(build_dir)))
+    except (RuntimeError, OSError) as e:
+        return f"off ({str(e).splitlines()[0]})"
+    args = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+    lib.hq_mlp_up_act.argtypes = lib.hq_mlp_act_grad.argtypes = args
+    cutlass_lib = lib
+    x = torch.randn(300, 64, device=device).bfloat16()  # a partial row tile too
+    w = torch.randn(128, 64, device=device).bfloat16()
+    try:
+        h, _ = mlp_up_act_cutlass(x, w)
+        ok = torch.allclose(h.float(), x.float() @ w.float().t(), rtol=2 ** -7, atol=1e-2)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        cutlass_lib = None
+        return "off (the built kernel failed its self-check)"
+    return f"on ({time.perf_counter() - t0:.1f}s to build or load)"
+
+
+def cutlass_call(fn, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, out: torch.Tensor):
+    (M, K), N = a.shape, out.size(1)
+    rc = fn(a.data_ptr(), b.data_ptr(), aux.data_ptr(), out.data_ptr(), M, N, K,
+            torch.cuda.current_stream(a.device).cuda_stream)
+    if rc:
+        raise RuntimeError(f"cutlass_mlp.cu: {fn.__name__} returned {rc} for M={M} N={N} K={K}")
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """Row-major with a 16-byte aligned start, as CUTLASS's bulk tensor copies need."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+@torch.library.custom_op("hqgpt::mlp_up_act_cutlass", mutates_args=())
+def mlp_up_act_cutlass(x: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mlp_up_act through cutlass_mlp.cu."""
+    h = x.new_empty(x.size(0), w_up.size(0))
+    a = torch.empty_like(h)
+    cutlass_call(cutlass_lib.hq_mlp_up_act, aligned(x), aligned(w_up), h, a)
+    return h, a
+
+
+@mlp_up_act_cutlass.register_fake
+def _(x, w_up):
+    return x.new_empty(x.size(0), w_up.size(0)), x.new_empty(x.size(0), w_up.size(0))
+
+
+@torch.library.custom_op("hqgpt::mlp_act_grad_cutlass", mutates_args=())
+def mlp_act_grad_cutlass(grad_y: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """mlp_act_grad through cutlass_mlp.cu."""
+    grad_h = torch.empty_like(h)
+    cutlass_call(cutlass_lib.hq_mlp_act_grad, aligned(grad_y), aligned(w_down), aligned(h), grad_h)
+    return grad_h
+
+
+@mlp_act_grad_cutlass.register_fake
+def _(grad_y, w_down, h):
+    return torch.empty_like(h)
+
+
 class FusedMLP(torch.autograd.Function):
     """down(leaky_relu(up(x), 0.5)^2) on 2-D bf16 tensors. Same products as the unfused MLP, but the
     activation rides in the up-projection's epilogue and its derivative in the epilogue of the matmul that
@@ -356,14 +479,14 @@ class FusedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_up, w_down):
-        h, a = mlp_up_act(x, w_up)
+        h, a = (mlp_up_act if cutlass_lib is None or not x.is_cuda else mlp_up_act_cutlass)(x, w_up)
         ctx.save_for_backward(x, w_up, w_down, h, a)
         return a @ w_down.t()
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w_up, w_down, h, a = ctx.saved_tensors
-        grad_h = mlp_act_grad(grad_y, w_down, h)
+        grad_h = (mlp_act_grad if cutlass_lib is None or not h.is_cuda else mlp_act_grad_cutlass)(grad_y, w_down, h)
         need_x, need_up, need_down = ctx.needs_input_grad  # TTT's frozen blocks need no weight gradients
         return (grad_h @ w_up if need_x else None, grad_h.t() @ x if need_up else None,
                 grad_y.t() @ a if need_down else None)

@@ -37,7 +37,7 @@ try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
 except ImportError:
     fa3_attn = None
 from fused_kernels import (TRITON_ON_CPU, XSA_PROJ_BLOCKS, FusedAttnInputs, FusedMLP, FusedXSAProj,  # noqa: E402
-                           mlp_kernel_blocks, triton)
+                           enable_cutlass_mlp, mlp_kernel_blocks, triton)
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -94,6 +94,7 @@ class Config:
     compile: int = 1
     compile_warmup_steps: int = 3
     fused_kernels: int = 1  # CUDA + Triton: the hand-written kernels of fused_kernels.py (0: inductor alone)
+    cutlass_mlp: int = 1  # Hopper: the MLP's two kernels from cutlass_mlp.cu, built with nvcc (0: Triton's)
     log_every: int = 200
     val_every: int = 0
     save_every: int = 0
@@ -1075,7 +1076,7 @@ def check_ranks_agree(model: GPT, d: Dist, step: int, log: Log) -> None:
 
 ARTIFACT_MAGIC = b"HQGPT61\x00"
 SIZE_CAP = 16_000_000
-CODE_FILES = ("train_gpt.py", "fused_kernels.py", "rans_codec.py")  # what the artifact's decoder needs, counted as code
+CODE_FILES = ("train_gpt.py", "fused_kernels.py", "cutlass_mlp.cu", "rans_codec.py")  # what the artifact's decoder needs, counted as code
 MAX_PAYLOAD = 1 << 30  # refuse to decompress beyond this (a hostile file could otherwise fill memory)
 GROUP_NAMES = {INT6: "int6 q/k", INT5: "int5 v/o", INT4: "int4 mlp-down", PENT: "pent mlp-up"}
 
@@ -1621,6 +1622,13 @@ def write_submission(cfg: Config, d: Dist, ev: dict, art: dict, train_info: dict
     log(f"saved:{Path(cfg.run_dir) / 'submission.json'} score_mode:{ev['primary']} val_bpb:{p['val_bpb']:.8f}")
 
 
+def select_mlp_kernels(cfg: Config, d: Dist, log: Log) -> None:
+    """CUTLASS's MLP kernels where they build (on Hopper, before the training clock), else Triton's. Not for
+    --eval-only: a first build takes about a minute of the evaluation's budget, and the results are the same."""
+    if cfg.fused_kernels and cfg.cutlass_mlp and triton is not None:
+        log(f"cutlass_mlp:{enable_cutlass_mlp(d.device, Path.home() / '.cache' / 'hqgpt')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Every Config field is also a flag (--matrix-lr) and an environment variable (MATRIX_LR).")
@@ -1646,6 +1654,7 @@ def main(argv: list[str] | None = None) -> None:
             final_eval(model, cfg, d, log, args.save_nll)
             return
         log = Log(d, str(Path(cfg.run_dir) / "train.log"))
+        select_mlp_kernels(cfg, d, log)
         model, train_info = train(cfg, d, log, args.resume)
         evaluate(model, ValData(cfg), cfg, d, cfg.eval_seq_len, "raw", log=log)
         path, art = write_artifact(model, cfg, d, log)

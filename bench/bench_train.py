@@ -1,6 +1,7 @@
 """Training throughput per preset: compile seconds, steady-state ms/step, tokens/s, FLOPs/token, utilization,
 peak memory; the paths below side by side in one process:
   compiled   what train_gpt.py runs: torch.compile, bf16 residual stream, the fused kernels of fused_kernels.py
+  triton-mlp the same with Triton's MLP kernels instead of CUTLASS's on Hopper (CUTLASS_MLP=0)
   unfused    the same without those kernels (FUSED_KERNELS=0)
   mb48       the same with micro-batches of 48 sequences (MICRO_BATCH_SEQS=48; the default is up to 128)
   eager      the plain path: no torch.compile, no fused kernels, micro-batches of 48
@@ -16,6 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fused_kernels  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
@@ -45,13 +47,16 @@ def setup(preset: str, data_path: str, compile_mode: str | None = None, **flags)
         preset_mb = tg.build_config(preset, {"data_path": data_path}).micro_batch_seqs
         flags["micro_batch_seqs"] = min(flags["micro_batch_seqs"], preset_mb)
     cfg = tg.build_config(preset, {"data_path": data_path, **flags})
+    fused_kernels.cutlass_lib = None
+    if cfg.fused_kernels and cfg.cutlass_mlp:
+        print(f"{preset} cutlass_mlp:{fused_kernels.enable_cutlass_mlp(d.device, tg.Path.home() / '.cache' / 'hqgpt')}", flush=True)
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg).to(d.device)
     fwd = torch.compile(model, dynamic=False, fullgraph=True, mode=compile_mode) if cfg.compile else model
     return d, cfg, model, fwd, tg.Optimizers(model, cfg, d), tg.TrainLoader(cfg, d)
 
 
-PATHS = {"compiled": {}, "unfused": dict(fused_kernels=0), "mb48": dict(micro_batch_seqs=48),
+PATHS = {"compiled": {}, "triton-mlp": dict(cutlass_mlp=0), "unfused": dict(fused_kernels=0), "mb48": dict(micro_batch_seqs=48),
          "eager": dict(compile=0, fused_kernels=0, micro_batch_seqs=48)}
 
 

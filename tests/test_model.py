@@ -450,6 +450,83 @@ def test_fused_mlp_flag_off_takes_the_plain_path():
     assert run_fused_mlp_check(0)["fused_calls"] == 0
 
 
+def test_cutlass_mlp_says_why_it_is_off(tmp_path, monkeypatch):
+    """CUTLASS's MLP kernels stay off, with a reason for the log, off Hopper or without nvcc or CUTLASS headers."""
+    import fused_kernels as fk
+    assert fk.enable_cutlass_mlp(torch.device("cpu"), tmp_path) == "off (not a Hopper GPU)" and fk.cutlass_lib is None
+    monkeypatch.setattr(fk.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="no nvcc"):
+        fk.build_cutlass_mlp(tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(fk, "cutlass_include", lambda: None)
+    with pytest.raises(RuntimeError, match="no CUTLASS headers"):
+        fk.build_cutlass_mlp(tmp_path)
+
+
+def cutlass_toolchain():
+    import fused_kernels as fk
+    if fk.shutil.which("nvcc") is None or fk.cutlass_include() is None:
+        pytest.skip("needs nvcc and CUTLASS headers (pip install --no-deps nvidia-cutlass)")
+    return fk
+
+
+def test_cutlass_mlp_builds_once_and_reports_nvcc_errors(tmp_path, monkeypatch):
+    """cutlass_mlp.cu compiles for sm_90a (no GPU needed); a second call reuses the library; a source nvcc
+    rejects raises with nvcc's message and leaves no library or temporary file behind."""
+    fk = cutlass_toolchain()
+    lib = fk.build_cutlass_mlp(tmp_path)
+    built = lib.stat().st_mtime_ns
+    assert fk.build_cutlass_mlp(tmp_path) == lib and lib.stat().st_mtime_ns == built
+    bad = tmp_path / "src" / "cutlass_mlp.cu"
+    bad.parent.mkdir()
+    bad.write_text(fk.CUTLASS_SOURCE.read_text().replace("return T(a * a);", "return T(a * a)"))
+    monkeypatch.setattr(fk, "CUTLASS_SOURCE", bad)
+    with pytest.raises(RuntimeError, match="nvcc failed"):
+        fk.build_cutlass_mlp(tmp_path / "bad")
+    assert [f.suffix for f in (tmp_path / "bad").iterdir()] == [".lock"]
+
+
+def test_cutlass_mlp_matches_the_triton_kernels_bit_for_bit(tmp_path):
+    """On a Hopper GPU: the MLP module through CUTLASS's kernels gives the Triton kernels' output and gradients,
+    bit for bit; and the kernels take row counts that are not a multiple of their tiles."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a Hopper GPU")
+    fk = cutlass_toolchain()
+    assert fk.enable_cutlass_mlp(torch.device("cuda"), tmp_path).startswith("on")
+    cfg = tg.build_config("h100", flags=dict(fused_kernels=1), env={})
+    torch.manual_seed(0)
+    mlp = tg.MLP(cfg).cuda().bfloat16()
+    x = torch.randn(4, 512, cfg.model_dim, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    scale = (1 + 0.5 * torch.randn(cfg.model_dim, device="cuda")).bfloat16()
+
+    def run():
+        xi = x.clone().requires_grad_()
+        mlp.zero_grad(set_to_none=True)
+        y = mlp(xi, scale)
+        y.backward(g)
+        return [y, xi.grad, mlp.up.weight.grad, mlp.down.weight.grad]
+
+    try:
+        assert mlp.fused_applies(x)
+        got = run()
+        lib, fk.cutlass_lib = fk.cutlass_lib, None
+        want = run()
+        fk.cutlass_lib = lib
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        xo = torch.randn(1000, 512, device="cuda", dtype=torch.bfloat16)  # 1000 rows: a partial last tile
+        w_up = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16) / 512 ** 0.5
+        h, a = fk.mlp_up_act_cutlass(xo, w_up)
+        ref = (xo.float() @ w_up.float().t()).bfloat16()
+        assert (h.float() - ref.float()).abs().max() <= 2 * ref.float().abs().max() * 2 ** -8
+        assert torch.equal(a, (torch.where(h > 0, h.float(), 0.5 * h.float()) ** 2).bfloat16())
+    finally:
+        fk.cutlass_lib = None
+
+
 # ---------------------------------------------------------------------------------------------------
 # optimizer grouping and Newton-Schulz
 # ---------------------------------------------------------------------------------------------------

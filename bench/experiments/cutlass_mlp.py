@@ -1,0 +1,106 @@
+"""Issue 5 experiment: the MLP's fused matmuls as CUTLASS warp-specialized kernels (cutlass_mlp.cu, one build
+per schedule/tile/cluster variant) against train_gpt's Triton kernels and plain cuBLAS, at the training shape:
+
+  python bench/experiments/cutlass_mlp.py --rows 262144 --variants pingpong:128x128:1,coop:128x256:1
+
+Needs nvcc and CUTLASS's headers (pip install nvidia-cutlass, or CUTLASS_PATH). Prints, per variant and pass,
+the median ms of 20 timed calls and the largest difference from the Triton kernel."""
+import argparse
+import ctypes
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import fused_kernels  # noqa: E402
+
+
+
+def build(variant: str, out_dir: Path) -> Path:
+    """variant: schedule:MxN:cluster_m, e.g. pingpong:128x128:1."""
+    sched, tile, cluster = variant.split(":")
+    tm, tn = tile.split("x")
+    out = out_dir / f"cutlass_mlp_{sched}_{tile}_{cluster}.so"
+    nvcc = fused_kernels.shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    cmd = fused_kernels.cutlass_build_command(nvcc, fused_kernels.cutlass_include(), out)
+    cmd[1:1] = [f"-DHQ_TILE_M={tm}", f"-DHQ_TILE_N={tn}", f"-DHQ_CLUSTER_M={cluster}",
+                f"-DHQ_PINGPONG={int(sched == 'pingpong')}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{variant}: {r.stderr[-2000:]}")
+    return out
+
+
+def timed(fn, reps=20, warmup=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="pingpong:128x128:1,coop:128x256:1")
+    ap.add_argument("--build-dir", default=".build")
+    ap.add_argument("--rows", type=int, default=262144)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=2048)
+    args = ap.parse_args()
+    variants = args.variants.split(",")
+    Path(args.build_dir).mkdir(exist_ok=True)
+    with ThreadPoolExecutor(len(variants)) as ex:
+        libs = list(ex.map(lambda v: ctypes.CDLL(str(build(v, Path(args.build_dir)).resolve())), variants))
+    vp, ci = ctypes.c_void_p, ctypes.c_int
+    for lib in libs:
+        lib.hq_mlp_up_act.argtypes = lib.hq_mlp_act_grad.argtypes = [vp] * 4 + [ci] * 3 + [vp]
+    M, K, N = args.rows, args.dim, args.hidden
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    w_up = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+    w_down = (torch.randn(K, N, device="cuda", generator=g) * N ** -0.5).bfloat16()
+    gy = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    stream = lambda: vp(torch.cuda.current_stream().cuda_stream)  # noqa: E731
+    print(f"device:{torch.cuda.get_device_name()} torch:{torch.__version__} M={M} K={K} N={N}")
+    h_ref, a_ref = fused_kernels.mlp_up_act(x, w_up)
+    gh_ref = fused_kernels.mlp_act_grad(gy, w_down, h_ref)
+    flop = 2 * M * N * K
+    rows = [("cuBLAS x @ w_up.T (no activation)", timed(lambda: x @ w_up.t()), "", ""),
+            ("cuBLAS gy @ w_down (no activation)", timed(lambda: gy @ w_down), "", ""),
+            ("Triton forward (train_gpt)", timed(lambda: fused_kernels.mlp_up_act(x, w_up)), "0", ""),
+            ("Triton hidden gradient (train_gpt)", timed(lambda: fused_kernels.mlp_act_grad(gy, w_down, h_ref)), "0", "")]
+    for name, lib in zip(variants, libs):
+        h, a, gh = torch.empty_like(h_ref), torch.empty_like(a_ref), torch.empty_like(gh_ref)
+        rc = lib.hq_mlp_up_act(x.data_ptr(), w_up.data_ptr(), h.data_ptr(), a.data_ptr(), M, N, K, stream())
+        rc2 = lib.hq_mlp_act_grad(gy.data_ptr(), w_down.data_ptr(), h_ref.data_ptr(), gh.data_ptr(), M, N, K, stream())
+        torch.cuda.synchronize()
+        if rc or rc2:
+            rows.append((f"CUTLASS {name}", float("nan"), f"rc {rc}/{rc2}", ""))
+            continue
+        diff_f = max((h.float() - h_ref.float()).abs().max().item(), (a.float() - a_ref.float()).abs().max().item())
+        same_f = (h == h_ref).float().mean().item()
+        diff_b = (gh.float() - gh_ref.float()).abs().max().item()
+        same_b = (gh == gh_ref).float().mean().item()
+        tf = timed(lambda: lib.hq_mlp_up_act(x.data_ptr(), w_up.data_ptr(), h.data_ptr(), a.data_ptr(), M, N, K, stream()))
+        tb = timed(lambda: lib.hq_mlp_act_grad(gy.data_ptr(), w_down.data_ptr(), h_ref.data_ptr(), gh.data_ptr(),
+                                               M, N, K, stream()))
+        rows.append((f"CUTLASS forward, {name}", tf, f"{diff_f:.3g}", f"{same_f:.4f}"))
+        rows.append((f"CUTLASS hidden gradient, {name}", tb, f"{diff_b:.3g}", f"{same_b:.4f}"))
+    print("| kernel | ms | TFLOP/s | max abs diff vs Triton | share of h / grad_h bit-equal |")
+    print("|---|---|---|---|---|")
+    for name, ms, diff, same in rows:
+        print(f"| {name} | {ms:.3f} | {flop / ms / 1e9:.0f} | {diff} | {same} |")
+
+
+if __name__ == "__main__":
+    main()
