@@ -144,7 +144,7 @@ def test_write_artifact_under_cap(trained, tmp_path):
     assert Path(path) == tmp_path / "run" / "model.hqa" and Path(path).exists()
     assert info["bytes_model"] == Path(path).stat().st_size
     assert info["bytes_code"] == tg.code_bytes() == sum((Path(tg.__file__).parent / f).stat().st_size
-                                                         for f in ("train_gpt.py", "fused_kernels.py", "rans_codec.py"))
+                                                         for f in ("train_gpt.py", "fused_kernels.py", "cutlass_mlp.cu", "rans_codec.py"))
     assert info["bytes_total"] == info["bytes_model"] + info["bytes_code"] <= tg.SIZE_CAP
     assert "UNDER" in (tmp_path / "log").read_text()
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["model.hqa"]  # no temp file left behind
