@@ -465,6 +465,34 @@ def test_cutlass_mlp_says_why_it_is_off(tmp_path, monkeypatch):
         fk.build_cutlass_mlp(tmp_path)
 
 
+CONCURRENT_BUILD = r"""
+import sys, pathlib
+import fused_kernels as fk
+print(fk.build_cutlass_mlp(pathlib.Path(sys.argv[1])))
+"""
+
+
+def test_cutlass_mlp_ranks_share_one_build(tmp_path):
+    """Four processes (ranks on one host) asking at once: nvcc runs once, under the lock, and all four get the
+    library it wrote. A stand-in nvcc logs its calls and sleeps, so that the processes overlap."""
+    import os
+    import subprocess
+    import sys
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo fake && exit 0\necho run >> {tmp_path}/calls\n'
+                    'sleep 1\nfor a; do [ "$prev" = -o ] && echo lib > "$a"; prev=$a; done\n')
+    nvcc.chmod(0o755)
+    env = {**os.environ, "PATH": f"{nvcc.parent}:{os.environ['PATH']}", "CUTLASS_PATH": str(tmp_path),
+           "PYTHONPATH": str(tg.Path(tg.__file__).parent)}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILD, str(tmp_path / "build")], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert (tmp_path / "calls").read_text() == "run\n" and len(outs) == 1
+    assert tg.Path(outs.pop()).read_text() == "lib\n"
+
+
 def cutlass_toolchain():
     import fused_kernels as fk
     if fk.shutil.which("nvcc") is None or fk.cutlass_include() is None:
