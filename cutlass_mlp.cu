@@ -58,10 +58,25 @@ template <class T, int N> struct LeakySqGrad<cutlass::Array<T, N>> {
 #define HQ_CLUSTER_M 2
 #define HQ_PINGPONG 1
 #endif
+#ifndef HQ_CLUSTER_N
+#define HQ_CLUSTER_N 1
+#endif
+#ifndef HQ_EPI_N  // the epilogue's sub-tile (0: CUTLASS picks); 64x64 was the fastest of three
+#define HQ_EPI_M 64
+#define HQ_EPI_N 64
+#endif
+#ifndef HQ_RASTER  // tile order: 0 CUTLASS's heuristic, 1 along M, 2 along N
+#define HQ_RASTER 0
+#endif
+#ifndef HQ_SWIZZLE
+#define HQ_SWIZZLE 1
+#endif
 using RowMajor = cutlass::layout::RowMajor;
 using ColumnMajor = cutlass::layout::ColumnMajor;
 using MlpTile = Shape<Int<HQ_TILE_M>, Int<HQ_TILE_N>, _64>;
-using MlpCluster = Shape<Int<HQ_CLUSTER_M>, _1, _1>;
+using MlpCluster = Shape<Int<HQ_CLUSTER_M>, Int<HQ_CLUSTER_N>, _1>;
+using EpiTile = cute::conditional_t<HQ_EPI_N == 0, cutlass::epilogue::collective::EpilogueTileAuto,
+                                    Shape<Int<(HQ_EPI_M > 0 ? HQ_EPI_M : 64)>, Int<(HQ_EPI_N > 0 ? HQ_EPI_N : 32)>>>;
 // Pingpong: two consumer warpgroups on two tiles, one's epilogue beside the other's main loop.
 using Sched = cute::conditional_t<HQ_PINGPONG, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                                   cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
@@ -77,7 +92,7 @@ struct MlpGemm {
       cutlass::epilogue::fusion::LinCombPerRowBiasEltActAux<RowMajor, LeakySq, bf16, float, bf16, bf16, bf16>>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MlpTile, MlpCluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      EpiTile, float, float,
       void, RowMajor, 8, bf16, RowMajor, 8, EpiSched, Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, bf16, RowMajor, 8, bf16, LayoutB, 8, float, MlpTile, MlpCluster,
@@ -103,6 +118,8 @@ struct MlpGemm {
                                   {static_cast<const bf16*>(A), sA, static_cast<const bf16*>(B), sB},
                                   {{}, nullptr, sD, static_cast<bf16*>(out), sD}};
     args.hw_info.sm_count = sm_count;
+    args.scheduler.raster_order = static_cast<cutlass::gemm::kernel::detail::RasterOrderOptions>(HQ_RASTER);
+    args.scheduler.max_swizzle_size = HQ_SWIZZLE;
     args.epilogue.thread.alpha = 1.f;
     args.epilogue.thread.beta = 0.f;
     args.epilogue.thread.aux_ptr = static_cast<bf16*>(aux);

@@ -3,6 +3,9 @@ per schedule/tile/cluster variant) against train_gpt's Triton kernels and plain 
 
   python bench/experiments/cutlass_mlp.py --rows 262144 --variants pingpong:128x128:1,coop:128x256:1
 
+A variant is schedule:tile:cluster[:key=value...], e.g. pingpong:128x128:2x1:epi=64x64:raster=2:swizzle=4
+(cluster "2" = 2x1; raster 1 along M, 2 along N; unset options keep cutlass_mlp.cu's defaults).
+
 Needs nvcc and CUTLASS's headers (pip install nvidia-cutlass, or CUTLASS_PATH). Prints, per variant and pass,
 the median ms of 20 timed calls and the largest difference from the Triton kernel."""
 import argparse
@@ -22,13 +25,22 @@ import fused_kernels  # noqa: E402
 
 def build(variant: str, out_dir: Path) -> Path:
     """variant: schedule:MxN:cluster_m, e.g. pingpong:128x128:1."""
-    sched, tile, cluster = variant.split(":")
+    sched, tile, cluster, *opts = variant.split(":")
     tm, tn = tile.split("x")
-    out = out_dir / f"cutlass_mlp_{sched}_{tile}_{cluster}.so"
+    cm, cn = (cluster + "x1").split("x")[:2]
+    out = out_dir / f"cutlass_mlp_{variant.replace(':', '_').replace('=', '')}.so"
     nvcc = fused_kernels.shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     cmd = fused_kernels.cutlass_build_command(nvcc, fused_kernels.cutlass_include(), out)
-    cmd[1:1] = [f"-DHQ_TILE_M={tm}", f"-DHQ_TILE_N={tn}", f"-DHQ_CLUSTER_M={cluster}",
-                f"-DHQ_PINGPONG={int(sched == 'pingpong')}"]
+    flags = [f"-DHQ_TILE_M={tm}", f"-DHQ_TILE_N={tn}", f"-DHQ_CLUSTER_M={cm}", f"-DHQ_CLUSTER_N={cn}",
+             f"-DHQ_PINGPONG={int(sched == 'pingpong')}"]
+    for o in opts:
+        key, value = o.split("=")
+        if key == "epi":
+            em, en = value.split("x")
+            flags += [f"-DHQ_EPI_M={em}", f"-DHQ_EPI_N={en}"]
+        else:
+            flags.append(f"-DHQ_{key.upper()}={value}")
+    cmd[1:1] = flags
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"{variant}: {r.stderr[-2000:]}")
@@ -59,11 +71,18 @@ def main():
     args = ap.parse_args()
     variants = args.variants.split(",")
     Path(args.build_dir).mkdir(exist_ok=True)
+    def load(v):
+        try:
+            return ctypes.CDLL(str(build(v, Path(args.build_dir)).resolve()))
+        except RuntimeError as e:  # a variant CUTLASS rejects: report it, time the rest
+            print(f"build failed: {str(e)[:300]}")
+            return None
     with ThreadPoolExecutor(len(variants)) as ex:
-        libs = list(ex.map(lambda v: ctypes.CDLL(str(build(v, Path(args.build_dir)).resolve())), variants))
+        libs = list(ex.map(load, variants))
     vp, ci = ctypes.c_void_p, ctypes.c_int
     for lib in libs:
-        lib.hq_mlp_up_act.argtypes = lib.hq_mlp_act_grad.argtypes = [vp] * 4 + [ci] * 3 + [vp]
+        if lib is not None:
+            lib.hq_mlp_up_act.argtypes = lib.hq_mlp_act_grad.argtypes = [vp] * 4 + [ci] * 3 + [vp]
     M, K, N = args.rows, args.dim, args.hidden
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
@@ -80,6 +99,9 @@ def main():
             ("Triton forward (train_gpt)", timed(lambda: fused_kernels.mlp_up_act(x, w_up)), "0", ""),
             ("Triton hidden gradient (train_gpt)", timed(lambda: fused_kernels.mlp_act_grad(gy, w_down, h_ref)), "0", "")]
     for name, lib in zip(variants, libs):
+        if lib is None:
+            rows.append((f"CUTLASS {name}", float("nan"), "build failed", ""))
+            continue
         h, a, gh = torch.empty_like(h_ref), torch.empty_like(a_ref), torch.empty_like(gh_ref)
         rc = lib.hq_mlp_up_act(x.data_ptr(), w_up.data_ptr(), h.data_ptr(), a.data_ptr(), M, N, K, stream())
         rc2 = lib.hq_mlp_act_grad(gy.data_ptr(), w_down.data_ptr(), h_ref.data_ptr(), gh.data_ptr(), M, N, K, stream())
