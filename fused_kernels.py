@@ -359,6 +359,7 @@ class FusedXSAProj(torch.autograd.Function):
 
 # ----- CUTLASS's MLP kernels (Hopper) -----
 CUTLASS_SOURCE = Path(__file__).with_name("cutlass_mlp.cu")
+CUTLASS_BUILD_DIR = Path.home() / ".cache" / "hqgpt"
 cutlass_lib: Optional[ctypes.CDLL] = None  # set by enable_cutlass_mlp; FusedMLP then runs CUTLASS's kernels
 
 
@@ -405,7 +406,7 @@ def build_cutlass_mlp(build_dir: Path) -> Path:
     return out
 
 
-def enable_cutlass_mlp(device: torch.device, build_dir: Path) -> str:
+def enable_cutlass_mlp(device: torch.device, build_dir: Path = CUTLASS_BUILD_DIR) -> str:
     """Use CUTLASS's MLP kernels on a Hopper GPU if they build; returns what happened, for the log."""
     global cutlass_lib
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):

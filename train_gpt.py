@@ -1076,7 +1076,7 @@ def check_ranks_agree(model: GPT, d: Dist, step: int, log: Log) -> None:
 
 ARTIFACT_MAGIC = b"HQGPT61\x00"
 SIZE_CAP = 16_000_000
-CODE_FILES = ("train_gpt.py", "fused_kernels.py", "cutlass_mlp.cu", "rans_codec.py")  # what the artifact's decoder needs, counted as code
+CODE_FILES = ("train_gpt.py", "fused_kernels.py", "cutlass_mlp.cu", "rans_codec.py")  # the code a run uses, counted
 MAX_PAYLOAD = 1 << 30  # refuse to decompress beyond this (a hostile file could otherwise fill memory)
 GROUP_NAMES = {INT6: "int6 q/k", INT5: "int5 v/o", INT4: "int4 mlp-down", PENT: "pent mlp-up"}
 
@@ -1626,7 +1626,7 @@ def select_mlp_kernels(cfg: Config, d: Dist, log: Log) -> None:
     """CUTLASS's MLP kernels where they build (on Hopper, before the training clock), else Triton's. Not for
     --eval-only: a first build takes about a minute of the evaluation's budget, and the results are the same."""
     if cfg.fused_kernels and cfg.cutlass_mlp and triton is not None:
-        log(f"cutlass_mlp:{enable_cutlass_mlp(d.device, Path.home() / '.cache' / 'hqgpt')}")
+        log(f"cutlass_mlp:{enable_cutlass_mlp(d.device)}")
 
 
 def main(argv: list[str] | None = None) -> None:
