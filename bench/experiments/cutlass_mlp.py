@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import fused_kernels  # noqa: E402
+from mlp_fusion import timed  # noqa: E402
 
 
 
