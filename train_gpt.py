@@ -216,6 +216,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    clock: object = None  # a gloo group for host values: agreeing on them must not wait for the GPU streams
 
     @property
     def main(self) -> bool:
@@ -225,6 +226,14 @@ class Dist:
         if self.world > 1:
             dist.all_reduce(t, op=op)
         return t
+
+    def agree_max(self, x: float) -> float:
+        """The largest of the ranks' host-side values (the wall clock), without a GPU synchronization."""
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.clock)
+        return t.item()
 
 
 def init_dist() -> Dist:
@@ -238,7 +247,7 @@ def init_dist() -> Dist:
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    return Dist(rank, world, device)
+    return Dist(rank, world, device, dist.new_group(backend="gloo"))
 
 
 class Log:
@@ -936,6 +945,49 @@ def autocast(d: Dist):
     return torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+class StepClock:
+    """Training time on the wall clock, with the GPU one step ahead of the host: a full synchronization per step
+    left the GPU idle ~3 ms of each (bench/experiments/step_timing.py). After enqueuing step k the host waits only
+    for step k-1, so the clock is read when k-1 has finished, and step k+1's start is estimated as that time plus
+    one mean step of this segment (a segment: since the start or the last pause). `event` makes the marker that
+    follows a step on the GPU (None on CPU, where every step has finished when the host moves on)."""
+
+    def __init__(self, d: Dist, train_time: float, step: int, event=None):
+        self.d, self.train_time, self.start = d, train_time, step
+        self.event = event or ((lambda: torch.cuda.Event()) if d.device.type == "cuda" else lambda: None)
+        self.running = None  # the newest step's marker while that step may still run
+        sync(d)
+        self.t0 = time.perf_counter()
+
+    def next_start(self, step: int) -> float:
+        """Training seconds at which the step about to be enqueued will start, the same on every rank."""
+        now = time.perf_counter() - self.t0
+        ahead = now / (step - self.start - 1) if self.running is not None else 0.0
+        return self.d.agree_max(self.train_time + now + ahead)
+
+    def enqueued(self, step: int, wait_all: bool) -> None:
+        """Step `step` (counted from 1) is enqueued: wait for the one before it, or for all (wait_all, and until the
+        segment has a finished step to take a mean from)."""
+        newest = self.event()
+        if newest is not None:
+            newest.record()
+        if self.running is not None:
+            self.running.synchronize()
+        self.running = newest
+        if wait_all or step - self.start < 2:
+            sync(self.d)
+            self.running = None
+
+    def now(self) -> float:
+        """Training seconds so far; exact after enqueued(..., wait_all=True)."""
+        return self.train_time + time.perf_counter() - self.t0
+
+    def stop(self) -> float:
+        sync(self.d)
+        self.running = None
+        return self.now()
+
+
 def forward_backward(fwd, batches: list, d: Dist) -> torch.Tensor:
     """Accumulates the gradient of the step's mean loss over its micro-batches; returns that mean (no sync)."""
     total = torch.zeros((), device=d.device)
@@ -1007,11 +1059,9 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
     if cfg.val_every > 0:
         val = ValData(cfg)
     first_step = step
-    sync(d)
-    t0 = time.perf_counter()
+    clock = StepClock(d, train_time, step)
     while True:
-        elapsed = d.all_reduce(torch.tensor([train_time + time.perf_counter() - t0], device=d.device, dtype=torch.float64),
-                               dist.ReduceOp.MAX).item()  # every rank uses the same clock: same lr, same stop step
+        elapsed = clock.next_start(step)  # every rank uses the same clock: same lr, same stop step
         if step >= cfg.iterations or 0 < cfg.max_wallclock_seconds <= elapsed:
             break
         scale = lr_scale(cfg, step, elapsed)
@@ -1020,24 +1070,24 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
         opt.zero_grad()
         avg.update(model, step, scale)
         step += 1
-        sync(d)
-        if step <= 10 or step % cfg.log_every == 0 or step == cfg.iterations:
-            now = train_time + time.perf_counter() - t0
+        logged = step <= 10 or step % cfg.log_every == 0 or step == cfg.iterations
+        clock.enqueued(step, wait_all=logged)
+        if logged:
+            now = clock.now()
             loss = d.all_reduce(loss.clone()).item() / d.world
             avg_ms = 1000 * now / step
             log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{now * 1000:.0f}ms step_avg:{avg_ms:.2f}ms "
                 f"tok/s:{cfg.train_batch_tokens / avg_ms * 1000:.0f} lr_scale:{scale:.4f}")
         pause = (cfg.val_every > 0 and step % cfg.val_every == 0) or (cfg.save_every > 0 and step % cfg.save_every == 0)
         if pause and step < cfg.iterations:  # periodic val and checkpoints stay off the clock
-            train_time += time.perf_counter() - t0
+            train_time = clock.stop()
             if cfg.val_every > 0 and step % cfg.val_every == 0:
                 r = evaluate(model, val, cfg, d, stride=cfg.eval_seq_len)
                 log(f"step:{step}/{cfg.iterations} val_loss:{r['val_loss']:.4f} val_bpb:{r['val_bpb']:.4f}")
             if cfg.save_every > 0 and step % cfg.save_every == 0:
                 save_checkpoint(cfg, d, model, opt, loader, avg, step, train_time, log)
-            sync(d)
-            t0 = time.perf_counter()
-    train_time += time.perf_counter() - t0
+            clock = StepClock(d, train_time, step)
+    train_time = clock.stop()
     ran = max(step - first_step, 1)
     log(f"stopped step:{step}/{cfg.iterations} train_time:{train_time * 1000:.0f}ms step_avg:{1000 * train_time / max(step, 1):.2f}ms "
         f"tok/s:{ran * cfg.train_batch_tokens / max(train_time, 1e-9):.0f}")

@@ -302,6 +302,43 @@ def test_weight_average_apply(tmp_path):
     assert tg.WeightAverage(tg.GPT(live), live).apply(model) == "final_weights:live"
 
 
+def test_step_clock_keeps_one_step_queued(monkeypatch):
+    """The GPU loop's clock on CPU with stand-in step markers and a fake wall clock: after enqueuing step k the host
+    waits for step k-1's marker only; the next step's start is the time k-1 finished plus one mean finished step;
+    a full synchronization (logged steps, a segment's first two steps) leaves nothing running."""
+    synced, t = [], [100.0]
+
+    class Marker:
+        def __init__(self):
+            self.n = len(made) + 1
+            made.append(self)
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            synced.append(self.n)
+
+    made = []
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: t[0])
+    clock = tg.StepClock(tg.Dist(), 50.0, 0, event=Marker)
+    assert clock.next_start(0) == 50.0
+    t[0] = 101.0
+    clock.enqueued(1, wait_all=False)  # no finished step yet to take a mean from: waits for all
+    assert clock.running is None and clock.next_start(1) == 51.0
+    t[0] = 102.0
+    clock.enqueued(2, wait_all=False)  # step 2 stays queued
+    assert synced == [] and clock.running is made[1]
+    assert clock.next_start(2) == 50.0 + 2.0 + 2.0 / 1  # step 1 finished at 2 s; step 2 takes one mean step more
+    t[0] = 104.0
+    clock.enqueued(3, wait_all=False)
+    assert synced == [2] and clock.running is made[2]  # waited for step 2, not step 3
+    assert clock.next_start(3) == 50.0 + 4.0 + 4.0 / 2
+    clock.enqueued(4, wait_all=True)
+    assert synced == [2, 3] and clock.running is None and clock.next_start(4) == 54.0
+    assert clock.stop() == 54.0
+
+
 def test_lr_schedule_by_iterations(tmp_path):
     cfg = smoke_cfg(tmp_path)  # 30 iterations, warm-up 5, warm-down 10
     got = [tg.lr_scale(cfg, s, 0.0) for s in range(30)]
