@@ -50,6 +50,7 @@ def setup(preset: str, data_path: str, compile_mode: str | None = None, **flags)
     fused_kernels.cutlass_lib = None
     if cfg.fused_kernels and cfg.cutlass_mlp:
         print(f"{preset} cutlass_mlp:{fused_kernels.enable_cutlass_mlp(d.device)}", flush=True)
+    print(f"{preset} inductor:{tg.tune_inductor(d.device)}", flush=True)
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg).to(d.device)
     fwd = torch.compile(model, dynamic=False, fullgraph=True, mode=compile_mode) if cfg.compile else model

@@ -547,3 +547,23 @@ def test_muon_step_matches_a_per_matrix_reference():
         torch.testing.assert_close(p.detach(), r, rtol=0, atol=2e-3)
     sd = muon.state_dict()
     assert all(torch.allclose(sd[f"w{i}"], mom[i], atol=1e-6) for i in range(len(shapes)))
+
+
+def test_tune_inductor_pipelines_mix_order_reductions_only_with_room(monkeypatch):
+    """Two pipeline stages of the mix-order reductions need ~100 KiB of shared memory per block: set on a GPU that
+    has it (H100: 227 KiB), left at inductor's defaults on CPU and on a GPU that has not (a 3090: 99 KiB)."""
+    import torch._inductor.config as inductor
+    for key in ("mix_order_reduction_allow_multi_stages", "mix_order_reduction_split_size"):
+        monkeypatch.setattr(inductor.triton, key, getattr(inductor.triton, key))  # restored after the test
+    before = (inductor.triton.mix_order_reduction_allow_multi_stages, inductor.triton.mix_order_reduction_split_size)
+    assert tg.tune_inductor(torch.device("cpu")) == "default"
+
+    class Props:
+        shared_memory_per_block_optin = 99 << 10
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    assert tg.tune_inductor(torch.device("cuda", 0)) == "default"
+    assert (inductor.triton.mix_order_reduction_allow_multi_stages, inductor.triton.mix_order_reduction_split_size) == before
+    Props.shared_memory_per_block_optin = 227 << 10
+    assert "pipelined" in tg.tune_inductor(torch.device("cuda", 0))
+    assert inductor.triton.mix_order_reduction_allow_multi_stages is True
+    assert inductor.triton.mix_order_reduction_split_size == 32
