@@ -1683,8 +1683,9 @@ def select_mlp_kernels(cfg: Config, d: Dist, log: Log) -> None:
 def tune_inductor(device: torch.device) -> str:
     """Inductor's mix-order reductions (a row's RMS-norm backward fused with column sums: resid_mix gradients, x0's
     deferred gradient adds) load up to 12 activation tensors per row and, unpipelined (torch 2.11's default), ran
-    at 1.55 TB/s; two pipeline stages (split 32 rows x 4 per iteration) give 2.9, bit-equal (1xH100,
-    bench/experiments/mix_order_kernels.py). The stages need ~100 KiB of shared memory: not on consumer GPUs."""
+    at 1.55 TB/s; two pipeline stages (split 32 rows x 4 per iteration) give 2.9 with bit-equal stores, column sums
+    equal to fp32 rounding (1xH100, bench/experiments/mix_order_kernels.py). The stages need ~100 KiB of shared
+    memory: not on consumer GPUs."""
     if device.type != "cuda" or torch.cuda.get_device_properties(device).shared_memory_per_block_optin < 200 << 10:
         return "default"
     import torch._inductor.config as inductor
