@@ -1686,9 +1686,12 @@ def tune_inductor(device: torch.device) -> str:
     at 1.55 TB/s; two pipeline stages (split 32 rows x 4 per iteration) give 2.9 with bit-equal stores, column sums
     equal to fp32 rounding (1xH100, bench/experiments/mix_order_kernels.py). The stages need ~100 KiB of shared
     memory: not on consumer GPUs."""
-    if device.type != "cuda" or torch.cuda.get_device_properties(device).shared_memory_per_block_optin < 200 << 10:
+    smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) if device.type == "cuda" else 0
+    if smem < 200 << 10:
         return "default"
     import torch._inductor.config as inductor
+    if not hasattr(inductor.triton, "mix_order_reduction_split_size"):  # torch before mix-order reductions
+        return "default (no mix-order reductions in this torch)"
     inductor.triton.mix_order_reduction_allow_multi_stages = True
     inductor.triton.mix_order_reduction_split_size = 32  # 32 rows / XBLOCK 4 = 8 iterations -> 2 stages
     return "mix_order_reduction pipelined (split 32, 2 stages)"
