@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from fused_kernels import cutlass_include  # noqa: E402
+from fused_kernels import cutlass_build_command, cutlass_include  # noqa: E402
 from ceilings import timed  # noqa: E402  (mean of n calls after one warm-up)
 
 SRC = Path(__file__).with_name("cutlass_fmha.cu")
@@ -34,10 +34,9 @@ def build(name: str, macros: str, out_dir: Path) -> tuple[str, Path | None, str]
     out = out_dir / (name.replace(",", "").replace(" ", "_") + ".so")
     if out.exists() and out.stat().st_mtime > SRC.stat().st_mtime:  # built here before (carried along)
         return name, out, ""
-    cmd = ["nvcc", "-std=c++17", "-O3", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
-           f"-I{inc / 'include'}", f"-I{inc / 'tools' / 'util' / 'include'}",
-           f"-I{inc / 'examples' / '88_hopper_fmha'}", "--expt-relaxed-constexpr",
-           "-Xcompiler", "-fPIC", "-shared", "-cudart", "static", *macros.split(), "-o", str(out), str(SRC)]
+    # cutlass_mlp.cu's flags (its source, the last argument, swapped for ours), plus the example's headers
+    cmd = cutlass_build_command("nvcc", inc, out)[:-1] + [f"-I{inc / 'examples' / '88_hopper_fmha'}",
+                                                           *macros.split(), str(SRC)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     return name, (out if r.returncode == 0 else None), r.stderr[-2000:]
 
@@ -164,9 +163,9 @@ def main():
         # fp32 reference on the first 4 sequences: how far each path's gradients are from exact
         qs, ks, vs = (t[:4].float().transpose(1, 2).requires_grad_() for t in (q, k, v))
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            os_ = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-        g32 = torch.autograd.grad(os_, (qs, ks, vs), do[:4].float().transpose(1, 2))
-        o32 = os_.detach().transpose(1, 2)
+            out32 = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        g32 = torch.autograd.grad(out32, (qs, ks, vs), do[:4].float().transpose(1, 2))
+        o32 = out32.detach().transpose(1, 2)
 
         def err32(g):  # max over dq, dk, dv of max|g - exact| / max|exact|, first 4 sequences
             return max(((a[:4].float() - b).abs().max() / b.abs().max()).item() for a, b in zip(g, g32))
