@@ -80,10 +80,15 @@ def paired(nll_a: np.ndarray, nll_b: np.ndarray, nbytes: np.ndarray, units: np.n
     n = len(d_u)
     delta = float(d_u.sum()) * scale
     se = float(d_u.std(ddof=1)) * math.sqrt(n) * scale if n > 1 else math.inf
-    t = delta / se if se > 0 else 0.0
+    if n < 2:
+        p = 1.0
+    elif se > 0:
+        p = 2 * t_sf(abs(delta / se), n - 1)
+    else:  # every unit moved by the same amount
+        p = 0.0 if delta != 0 else 1.0
     half = t_quantile(0.975, n - 1) * se if n > 1 else math.inf
     return {"bpb_a": float(nll_a.sum()) * scale, "bpb_b": float(nll_b.sum()) * scale, "delta": delta, "se": se,
-            "ci95": (delta - half, delta + half), "p_two_sided": 2 * t_sf(abs(t), n - 1) if n > 1 else 1.0,
+            "ci95": (delta - half, delta + half), "p_two_sided": p,
             "units": n, "a_better_units": int((d_u < 0).sum())}
 
 
@@ -134,7 +139,8 @@ def main(argv=None) -> None:
         r = paired(a, b, val.bytes, unit_ids(val.tokens, val.n, args.unit, args.block))
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(report(r, Path(args.a).stem, Path(args.b).stem))
+    name = lambda p: Path(p).parent.name if Path(p).stem == "nll" else Path(p).stem  # noqa: E731  run folder's name
+    print(report(r, name(args.a), name(args.b)))
 
 
 if __name__ == "__main__":

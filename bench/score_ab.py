@@ -6,7 +6,7 @@
   python bench/score_ab.py --report DIR [DIR ...]      # the table again, from run folders already written
 
 An arm is NAME=K=V,K=V (environment overrides of Config fields; empty after '=' for none). Each run writes
-DIR/NAME_sSEED/ (train.log, submission.json, nll.npy: the score mode's per-target NLL). An eval arm
+DIR/arms.txt (the arms in order: the table's first is the reference) and DIR/NAME_sSEED/ (train.log, submission.json, nll.npy: the score mode's per-target NLL). An eval arm
 NAME@ARM=K=V re-evaluates ARM's artifacts with other eval settings (--eval-only): no training. Runs go in
 order arm by arm within a seed, seed by seed; one that would not finish inside --budget-s (judged by the
 slowest run so far) is skipped and listed. Needs DATA_PATH and TOKENIZER_PATH in the environment.
@@ -84,7 +84,8 @@ def table(dirs: list[Path], data_path: str | None, tokenizer_path: str | None) -
                 runs.setdefault(m.group(1), {})[int(m.group(2))] = r
     if not runs:
         return "no finished runs"
-    arms = list(runs)
+    order = [n for d in dirs if (d / "arms.txt").is_file() for n in (d / "arms.txt").read_text().split()]
+    arms = sorted(runs, key=lambda a: (order.index(a) if a in order else len(order), a))
     ref = arms[0]
     lines = [f"{'arm':<16}{'seed':>6}{'steps':>7}{'bytes':>11}{'sliding':>10}{'score':>10}{'d_score':>10}"]
     for a in arms:
@@ -151,6 +152,9 @@ def main(argv=None) -> None:
     if not (data and tok and Path(data).is_dir() and Path(tok).is_file()):
         sys.exit("error: set DATA_PATH (a folder) and TOKENIZER_PATH (a file)")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    known = (out / "arms.txt").read_text().split() if (out / "arms.txt").is_file() else []
+    (out / "arms.txt").write_text(" ".join(known + [n for n in names if n not in known]) + "\n")  # table order
     t_start, slowest, skipped = time.time(), {"train": 0.0, "eval": 60.0}, []  # eval: until one is timed
     plan = [(s, "train", a) for s in seeds for a in arms] + [(s, "eval", e) for s in seeds for e in evals]
     for i, (seed, kind, (name, base, env)) in enumerate(plan):

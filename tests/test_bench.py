@@ -1,0 +1,96 @@
+"""Score tooling (bench/paired_test.py, bench/score_ab.py): the significance tests and the A/B table."""
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import paired_test as pt  # noqa: E402
+import score_ab  # noqa: E402
+
+
+def test_student_t_tail_matches_known_values():
+    assert pt.t_sf(1.0, 1) == pytest.approx(0.25, abs=1e-12)  # Cauchy
+    assert pt.t_sf(2.776445, 4) == pytest.approx(0.025, abs=1e-6)  # t table, 4 dof
+    assert pt.t_sf(1.959964, 1e7) == pytest.approx(0.025, abs=1e-5)  # the normal limit
+    assert pt.t_sf(-2.776445, 4) == pytest.approx(0.975, abs=1e-6)
+    assert pt.t_quantile(0.975, 4) == pytest.approx(2.776445, abs=1e-5)
+
+
+def test_welch_one_sided():
+    r = pt.welch_one_sided([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])  # t = -1/sqrt(2/3), 4 dof
+    assert r["t"] == pytest.approx(-1 / math.sqrt(2 / 3)) and r["dof"] == pytest.approx(4.0)
+    assert r["p_one_sided"] == pytest.approx(1 - pt.t_sf(-1 / math.sqrt(2 / 3), 4)) and 0.14 < r["p_one_sided"] < 0.15
+    assert pt.welch_one_sided([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])["p_one_sided"] > 0.5
+
+
+def _stream(doc_lens):
+    toks = np.concatenate([np.r_[1, np.full(n - 1, 100)] for n in doc_lens])
+    return toks, len(toks) - 1
+
+
+def test_units_are_documents_or_blocks():
+    toks, n = _stream([3, 4, 2])
+    assert pt.unit_ids(toks, n, "doc", 0).tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert pt.unit_ids(toks, n, "block", 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+
+
+def test_paired_test_pairs_units_not_targets():
+    """Two long documents that move in opposite directions: the bpb difference is exact, and the interval
+    (by document) must admit zero, though per target the shift looks overwhelming."""
+    toks, n = _stream([501, 501])
+    units = pt.unit_ids(toks, n, "doc", 0)
+    rng = np.random.default_rng(0)
+    a = rng.uniform(1, 2, n)
+    b = a - np.where(units == 0, 0.3, -0.2)  # doc 0: A worse; doc 1: A better
+    nbytes = np.full(n, 2)
+    r = pt.paired(a, b, nbytes, units)
+    assert r["delta"] == pytest.approx((a.sum() - b.sum()) / (math.log(2) * nbytes.sum()))
+    assert r["bpb_a"] - r["bpb_b"] == pytest.approx(r["delta"])
+    assert r["ci95"][0] < 0 < r["ci95"][1] and r["p_two_sided"] > 0.2 and r["units"] == 2
+    worse = a - 0.01 + rng.normal(0, 0.01, n)  # A worse by 0.01 nats a target, throughout
+    many = pt.paired(a, worse, nbytes, pt.unit_ids(toks, n, "block", 10))
+    assert many["units"] == 101 and many["ci95"][0] > 0 and many["p_two_sided"] < 1e-6
+    toks, n = _stream([501, 500])  # 500 targets each (a document's BOS is the previous one's last target)
+    whole = np.arange(n, dtype=np.float64)  # exact sums: both documents move by exactly 500 nats
+    assert pt.paired(whole, whole - 1, np.full(n, 2), pt.unit_ids(toks, n, "doc", 0))["p_two_sided"] == 0.0
+    with pytest.raises(ValueError):
+        pt.paired(a, b[:-1], nbytes, units)
+
+
+@pytest.mark.parametrize("text", ["x", "=A=1", "a b=A=1", "a=lower=1", "a=A"])
+def test_bad_arms_are_refused(text):
+    with pytest.raises(ValueError):
+        score_ab.parse_arm(text)
+
+
+def test_arms_parse():
+    assert score_ab.parse_arm("up16=MLP_UP_ALPHABET=16,WARMUP_BY_CLOCK=1") == (
+        "up16", None, {"MLP_UP_ALPHABET": "16", "WARMUP_BY_CLOCK": "1"})
+    assert score_ab.parse_arm("base=") == ("base", None, {})
+    assert score_ab.parse_arm("c@base=EVAL_SEQ_LEN=2048", eval_arm=True) == ("c", "base", {"EVAL_SEQ_LEN": "2048"})
+    with pytest.raises(ValueError):
+        score_ab.parse_arm("c=EVAL_SEQ_LEN=2048", eval_arm=True)
+
+
+def _fake_run(d, sliding, ttt, log="train.log", steps=100):
+    d.mkdir(parents=True)
+    (d / log).write_text(f"stopped step:{steps}/9000 train_time:1ms\nsize: code:1 + model:2 = total:3 cap:16000000 UNDER\n"
+                         f"final_sliding val_loss:2.0 val_bpb:{sliding}\nfinal_ttt val_loss:1.9 val_bpb:{ttt}\n")
+
+
+def test_table_orders_arms_and_reports_deltas(tmp_path):
+    (tmp_path / "arms.txt").write_text("zeta alpha\n")
+    for seed, (z, a) in {1: (1.60, 1.58), 2: (1.62, 1.59)}.items():
+        _fake_run(tmp_path / f"zeta_s{seed}", z + 0.03, z)
+        _fake_run(tmp_path / f"alpha_s{seed}", a + 0.03, a, log="eval.log")
+    r = score_ab.load_run(tmp_path / "alpha_s1")
+    assert (r["score"], r["sliding"], r["bytes"], r["steps"]) == (1.58, 1.61, 3, 100)
+    out = score_ab.table([tmp_path], None, None)
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[1][0] == "zeta" and [r for r in rows if r[:2] == ["alpha", "1"]][0][-1] == "-0.02000"
+    summary = [r for r in rows if r[:2] == ["alpha", "2"]][-1]  # the summary: arm, n, mean, sd, d_mean, p
+    assert float(summary[4]) == pytest.approx(-0.025) and float(summary[5]) < 0.1
