@@ -4,7 +4,7 @@
 //   forward:  h = bf16(x @ w_up^T), stored as CUTLASS's "aux" output; D = a = leaky_relu(h, 0.5)^2
 //   backward: D = grad_h = bf16(grad_y @ w_down) * h * (h > 0 ? 2 : 0.5), h loaded as "aux"
 // A plain shared library (no torch headers, so no ABI ties), built by fused_kernels.build_cutlass_mlp and
-// called through ctypes. HQ_* macros pick the schedule, tile and cluster (bench/experiments/cutlass_mlp.py).
+// called through ctypes. HQ_* macros pick the schedule, tile and cluster (swept at commit 8bc5ef9's bench/experiments/cutlass_mlp.py).
 #include <cuda_runtime.h>
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
@@ -52,7 +52,7 @@ template <class T, int N> struct LeakySqGrad<cutlass::Array<T, N>> {
   }
 };
 
-#ifndef HQ_TILE_M  // 1x H100, 262,144 x 512 -> 2,048: the fastest of seven (bench/experiments/cutlass_mlp.py)
+#ifndef HQ_TILE_M  // 1x H100, 262,144 x 512 -> 2,048: the fastest of seven in that sweep
 #define HQ_TILE_M 128
 #define HQ_TILE_N 128
 #define HQ_CLUSTER_M 2
