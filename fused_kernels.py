@@ -1,8 +1,11 @@
-"""Hand-written Triton kernels for train_gpt.py's memory-bound hot spots, each a torch.library.triton_op (so
-torch.compile sees through it) behind an autograd.Function; train_gpt.py falls back to plain PyTorch where a
-kernel does not apply (FUSED_KERNELS=0, no Triton, fp32, odd shapes). Counted as code (train_gpt.CODE_FILES).
-On CPU, TRITON_INTERPRET=1 runs them through Triton's interpreter: that is how the tests check them.
-On Hopper the MLP's two kernels can instead be CUTLASS's (cutlass_mlp.cu, built here with nvcc)."""
+"""The fast path, in one module. train_gpt.py's model is plain PyTorch and asks this module for its ops
+(attn_inputs, attention, xsa_proj, mlp): each runs its kernel where one applies and otherwise the plain
+reference the model passes as `plain`, with the same arguments. So every "does the kernel apply" decision
+lives here, as do the hand-written Triton kernels for the step's memory-bound hot spots (each a
+torch.library.triton_op, so torch.compile sees through it, behind an autograd.Function), the CUTLASS MLP
+kernels (cutlass_mlp.cu, Hopper, built here with nvcc), FlashAttention-3 and inductor's settings.
+Counted as code (train_gpt.CODE_FILES). On CPU, TRITON_INTERPRET=1 runs the Triton kernels through Triton's
+interpreter: that is how tests/test_kernels.py checks them. Measurements: docs/design.md, docs/performance.md."""
 from __future__ import annotations
 
 import ctypes
@@ -13,7 +16,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,12 +27,16 @@ try:
 except (ImportError, AssertionError):
     triton = None
 TRITON_ON_CPU = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
+    from flash_attn_interface import flash_attn_func as fa3_attn
+except ImportError:
+    fa3_attn = None
 
 
 def mlp_kernel_blocks(device: torch.device, grad: bool) -> dict:
     """The MLP kernel's blocks for the up-projection (grad=False) or the hidden gradient (grad=True)."""
-    # H100: the fastest for each pass in bench/experiments/fused_mlp.py at the training shape; persistent
-    # pays only forward (1.011 vs 1.074 ms), the backward's epilogue loads h (1.62 vs 1.07 ms). Ampere
+    # H100: the fastest for each pass at the training shape (docs/performance.md); persistent pays only
+    # forward, since the backward's epilogue loads h. Ampere
     # (RTX 3090) has about 99 KB of shared memory per block, so half-depth K tiles there (not measured on Ampere).
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         if grad:
@@ -38,11 +45,96 @@ def mlp_kernel_blocks(device: torch.device, grad: bool) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4, PERSISTENT=False)
 
 
-# H100, 262,144 rows: 0.514 ms against 0.611 for cuBLAS's go plus an XSA backward kernel reading it back (the
-# fastest of 13 configurations, bench/experiments/xsa_proj.py). Triton reports 24 KB of shared memory for sm_86
-# too. The projection's output width must be a multiple of BLOCK_K (the caller checks).
+# H100: the fastest block shape measured at the training shape, ahead of cuBLAS plus a separate XSA backward
+# kernel (docs/design.md); small enough for sm_86's shared memory too. The projection's output width must be
+# a multiple of BLOCK_K (xsa_proj checks).
 XSA_PROJ_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3)
 
+
+# ----- The seam: the model's ops, each its kernel where one applies, else plain(*the same arguments) -----
+def takes(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on t: a CUDA (or interpreted) bf16 tensor; the ops check shapes."""
+    return triton is not None and (t.is_cuda or TRITON_ON_CPU) and t.dtype == torch.bfloat16
+
+
+def pow2(n: int) -> bool:
+    return n & (n - 1) == 0
+
+
+def attn_inputs(qkv, cos, sin, gain, ve, v0, lam, heads: int, kv_heads: int, *, on: bool, plain: Callable):
+    """q, k, v and v again (XSA's use) from the q/k/v matmul's output. FusedAttnInputs for power-of-two head
+    dims: it sums the gradients of v's two uses as it reads them, where autograd would spend a pass on it."""
+    if on and takes(qkv) and pow2(qkv.size(-1) // (heads + 2 * kv_heads)):
+        return FusedAttnInputs.apply(qkv, cos, sin, gain, ve, v0, lam, heads, kv_heads)
+    q, k, v = plain(qkv, cos, sin, gain, ve, v0, lam, heads, kv_heads)
+    return q, k, v, v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plain: Callable) -> torch.Tensor:
+    """Causal attention, q [B,T,H,D], k/v [B,T,KV,D]: FlashAttention-3 where installed (CUDA, bf16)."""
+    if fa3_attn is not None and q.is_cuda and q.dtype == torch.bfloat16:
+        out = fa3_attn(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    return plain(q, k, v)
+
+
+def xsa_proj(y: torch.Tensor, v: torch.Tensor, proj, out_scale=None, *, on: bool, plain: Callable) -> torch.Tensor:
+    """proj(xsa(y, v)) -> [B,T,dim] (y [B,T,KV,G,D], v [B,T,KV,D], proj a QATLinear): FusedXSAProj, XSA's
+    backward inside the projection's, for power-of-two G and D and whole blocks of the projection's output."""
+    B, T, KV, G, D = y.shape
+    if on and takes(y) and pow2(G) and pow2(D) and proj.weight.size(0) % XSA_PROJ_BLOCKS["BLOCK_K"] == 0:
+        return FusedXSAProj.apply(y, v.to(y.dtype), proj.weight_as(y.dtype, out_scale)).view(B, T, -1)
+    return plain(y, v, proj, out_scale)
+
+
+def mlp_applies(x: torch.Tensor, w_up: torch.Tensor) -> bool:
+    """Whether FusedMLP runs on x: bf16 (or under bf16 autocast), in whole blocks of both kernels."""
+    if not (triton is not None and (x.is_cuda or TRITON_ON_CPU)):
+        return False
+    dev = x.device.type
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and
+                                         torch.get_autocast_dtype(dev) == torch.bfloat16)
+    M, (N, K) = x[..., 0].numel(), w_up.shape
+    return bf16 and all(M % b["BLOCK_M"] == 0 and N % b["BLOCK_N"] == 0 and K % b["BLOCK_K"] == 0
+                        for b in (mlp_kernel_blocks(x.device, False), mlp_kernel_blocks(x.device, True)))
+
+
+def mlp(x: torch.Tensor, up, down, out_scale=None, *, on: bool, plain: Callable) -> torch.Tensor:
+    """down(leaky_relu(up(x), 0.5)^2, out_scale) (up, down QATLinears): FusedMLP, the activation in the
+    matmuls' epilogues (CUTLASS's kernels once select_mlp_kernels enabled them, else Triton's)."""
+    if on and mlp_applies(x, up.weight):
+        bf = torch.bfloat16
+        w_up, w_down = up.weight_as(bf), down.weight_as(bf, out_scale)
+        return FusedMLP.apply(x.reshape(-1, x.size(-1)).to(bf), w_up, w_down).view(*x.shape[:-1], -1)
+    return plain(x, up, down, out_scale)
+
+
+def select_mlp_kernels(fused: bool, cutlass: bool, device: torch.device, log: Callable[[str], None]) -> None:
+    """CUTLASS's MLP kernels where they build (on Hopper, before the training clock), else Triton's. Not for
+    --eval-only: a first build would eat into the evaluation's budget (docs/performance.md), and the results
+    are the same."""
+    if fused and cutlass and triton is not None:
+        log(f"cutlass_mlp:{enable_cutlass_mlp(device)}")
+
+
+def tune_inductor(device: torch.device) -> str:
+    """Inductor's mix-order reductions (a row's RMS-norm backward fused with column sums: resid_mix gradients, x0's
+    deferred gradient adds) load up to 12 activation tensors per row and, unpipelined (torch 2.11's default), run
+    well below the memory bandwidth; two pipeline stages (split 32 rows x 4 per iteration) fix that with bit-equal
+    stores, column sums equal to fp32 rounding (docs/design.md). The stages need ~100 KiB of shared
+    memory: not on consumer GPUs. Returns what it did, for the log."""
+    smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) if device.type == "cuda" else 0
+    if smem < 200 << 10:
+        return "default"
+    import torch._inductor.config as inductor
+    if not hasattr(inductor.triton, "mix_order_reduction_split_size"):  # torch before mix-order reductions
+        return "default (no mix-order reductions in this torch)"
+    inductor.triton.mix_order_reduction_allow_multi_stages = True
+    inductor.triton.mix_order_reduction_split_size = 32  # 32 rows / XBLOCK 4 = 8 iterations -> 2 stages
+    return "mix_order_reduction pipelined (split 32, 2 stages)"
+
+
+# ----- Triton kernels -----
 
 if triton is not None:
     @triton.jit

@@ -4,7 +4,8 @@ API
     encode(symbols, alphabet, lanes=None) -> bytes
     decode(data) -> np.ndarray                      # 1-D uint8; caller reshapes
     encode_many([(symbols, alphabet), ...], lanes=None) -> bytes
-    decode_many(data, max_symbols=MAX_SYMBOLS) -> list[np.ndarray]   # one 1-D uint8 array per input
+    decode_many(data, max_symbols=MAX_SYMBOLS, expect=None, max_steps=None)
+                                                    -> list[np.ndarray]   # one 1-D uint8 array per input
     normalize_freqs(counts) -> np.ndarray           # int64 freqs summing to M
     RansError(ValueError)
 
@@ -43,7 +44,12 @@ tables, word stream under/overrun, lanes not ending in L, decode() on a
 multi-array stream). Single-bit flips are always caught by the CRC; truncation
 by the CRC and the exact-length check; the coder's end-state check (every lane
 back at L, every word consumed) is a second, independent net. A stream crafted
-to carry a valid CRC can still ask for up to MAX_SYMBOLS of work and memory.
+to carry a valid CRC can still ask for up to MAX_SYMBOLS of work and memory,
+unless the caller bounds it: max_symbols caps the total, expect=[(alphabet,
+count), ...] demands exactly these arrays, and max_steps caps the coder's
+step loop (coded symbols / lanes; encode's automatic lanes keep it at most
+MAX_STEPS up to MAX_AUTO_LANES * MAX_STEPS coded symbols). All three are
+checked on the stream's header, before anything is allocated or decoded.
 """
 import zlib
 
@@ -276,9 +282,16 @@ def decode(data) -> np.ndarray:
     return out[0]
 
 
-def decode_many(data, max_symbols: int = MAX_SYMBOLS) -> list[np.ndarray]:
+def decode_many(data, max_symbols: int = MAX_SYMBOLS, expect=None, max_steps: int | None = None) -> list[np.ndarray]:
     """Decode every array of a stream made by encode_many, in order. A caller that knows how many symbols
-    to expect passes max_symbols, so a crafted stream cannot make it allocate more."""
+    to expect passes max_symbols, so a crafted stream cannot make it allocate more; one that knows the
+    arrays passes expect = [(alphabet, count), ...] and the stream must hold exactly those; max_steps
+    bounds the decode loop's length (coded symbols per lane). All are checked before any allocation."""
+    if expect is not None:
+        try:
+            expect = [(int(a), int(c)) for a, c in expect]
+        except (TypeError, ValueError):
+            raise RansError("expect must be a list of (alphabet, count) pairs") from None
     try:
         buf = memoryview(data).cast("B")
     except TypeError:
@@ -293,10 +306,15 @@ def decode_many(data, max_symbols: int = MAX_SYMBOLS) -> list[np.ndarray]:
     r = _Reader(buf[:-4])
     r.pos = 5
     K = r.varint(len(buf))  # each array needs at least two header bytes
+    if expect is not None and K != len(expect):
+        raise RansError(f"stream holds {K} arrays, expected {len(expect)}")
     arrays, total = [], 0
-    for _ in range(K):
+    for i in range(K):
         a = r.take(1)[0] + 1
         cnt = r.varint(MAX_SYMBOLS)
+        if expect is not None and (a, cnt) != expect[i]:
+            raise RansError(f"array {i}: alphabet {a} with {cnt} symbols, expected alphabet {expect[i][0]} "
+                            f"with {expect[i][1]}")
         present = np.unpackbits(np.frombuffer(r.take((a + 7) // 8), np.uint8),
                                 bitorder="little")
         if present[a:].any():
@@ -316,6 +334,8 @@ def decode_many(data, max_symbols: int = MAX_SYMBOLS) -> list[np.ndarray]:
     N = r.varint(min(MAX_LANES, max(n_coded, 1)))
     if N == 0:
         raise RansError("zero lanes")
+    if max_steps is not None and -(-n_coded // N) > max_steps:
+        raise RansError(f"{n_coded} coded symbols on {N} lanes take more than {max_steps} steps")
     W = r.varint(len(buf))
     # astype copies: native order and alignment keep the hot loop fast
     states = np.frombuffer(r.take(8 * N), "<u8").astype(np.uint64)

@@ -32,12 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # FlashAttention-3 (Hopper); PyTorch SDPA otherwise
-    from flash_attn_interface import flash_attn_func as fa3_attn
-except ImportError:
-    fa3_attn = None
-from fused_kernels import (TRITON_ON_CPU, XSA_PROJ_BLOCKS, FusedAttnInputs, FusedMLP, FusedXSAProj,  # noqa: E402
-                           enable_cutlass_mlp, mlp_kernel_blocks, triton)
+import fused_kernels as fast  # the fast path: each of the model's ops below, as a kernel where one applies
+import hq_artifact  # the artifact's container: byte format, checks that need no model, compression
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -65,6 +61,12 @@ class Config:
     ve_layers: str = "9,10"
     qk_gain_init: float = 2.0
     logit_softcap: float = 15.0
+    # quantizer alphabet per matrix group, trained with QAT and stored as is (spec §2.6, §3): 5 is pentanary
+    # {-2..2}; 2^k is int-k. Bigger alphabets cost artifact bytes and buy a less constrained model.
+    qk_alphabet: int = 64
+    vo_alphabet: int = 32
+    mlp_up_alphabet: int = 5
+    mlp_down_alphabet: int = 16
     residual_dtype: str = "bf16"  # bf16 | fp32: the residual stream's dtype on GPUs (CPU runs fp32 throughout)
     # batch and schedule (spec §2.2, §2.5)
     train_batch_tokens: int = 786432
@@ -74,6 +76,9 @@ class Config:
     warmup_steps: int = 180
     warmdown_iters: int = 3500
     max_wallclock_seconds: float = 600.0  # 0: schedule by iterations
+    # 1: the lr and Muon-momentum warm-ups last the same fraction of the clock (WARMUP_STEPS/ITERATIONS) as the
+    # warm-down does, so a short run keeps the full run's schedule shape; 0: they last WARMUP_STEPS steps
+    warmup_by_clock: int = 0
     # optimizer (spec §2.3-2.4)
     matrix_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -121,7 +126,9 @@ class Config:
 
 
 PRESETS: dict[str, dict] = {
-    "h100": {},  # the 8xH100 record recipe: Config's defaults (spec §2, §7.1)
+    # the 8xH100 record recipe: the seed's, plus what won its A/B on proxy100 (README, "Score experiments")
+    "h100": dict(eval_seq_len=2048),
+    "v61": {},  # the seed's recipe exactly (spec §2-§5): Config's defaults
     "3090": dict(  # unlimited-compute recipe of PR #1123 (spec §7.1): 10k iterations, no clock
         train_batch_tokens=524288, train_seq_len=1024, micro_batch_seqs=16, iterations=10000,
         warmup_steps=200, warmdown_iters=1750, max_wallclock_seconds=0.0, matrix_lr=0.01,
@@ -192,6 +199,10 @@ def check_config(cfg: Config) -> None:
     need(cfg.final_weights in ("swa", "ema", "live"), "FINAL_WEIGHTS must be swa, ema or live")
     need(cfg.compressor in ("lzma", "zstd"), "COMPRESSOR must be lzma or zstd")
     need(cfg.embed_bits in (16, 6), "EMBED_BITS must be 16 (fp16) or 6")
+    for k in ("qk_alphabet", "vo_alphabet", "mlp_up_alphabet", "mlp_down_alphabet"):
+        need(getattr(cfg, k) in ALPHABETS, f"{k.upper()} must be one of {', '.join(map(str, ALPHABETS))} "
+             f"(5: pentanary, 2^k: int-k; got {getattr(cfg, k)})")
+    need(cfg.warmup_by_clock in (0, 1), "WARMUP_BY_CLOCK must be 0 or 1")
     need(cfg.slot in ("off", "causal", "reference"), "SLOT must be off, causal or reference")
     need(cfg.ttt_optimizer in ("sgd", "muon"), "TTT_OPTIMIZER must be sgd or muon")
     need(0 < cfg.eval_stride <= cfg.eval_seq_len, "EVAL_STRIDE must be in 1..EVAL_SEQ_LEN")
@@ -203,8 +214,10 @@ def ve_layer_ids(cfg: Config) -> list[int]:
 
 
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-                "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "qk_gain_init", "logit_softcap", "residual_dtype")
-MODEL_FIELDS_ADDED = {"residual_dtype": "fp32"}  # what artifacts written before a field existed were made with
+                "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "qk_gain_init", "logit_softcap", "residual_dtype",
+                "qk_alphabet", "vo_alphabet", "mlp_up_alphabet", "mlp_down_alphabet")
+MODEL_FIELDS_ADDED = {"residual_dtype": "fp32", "qk_alphabet": 64, "vo_alphabet": 32, "mlp_up_alphabet": 5,
+                      "mlp_down_alphabet": 16}  # what artifacts written before a field existed were made with
 
 # ----------------------------------------------------------------------------------------------------
 # Distributed context and logging
@@ -414,7 +427,7 @@ class TrainLoader:
         host = self.pending.result() if self.pending else self._read(self.stream)
         self.stream.advance(self.seqs * self.T)
         # Read and pin the following step on a worker thread while this one trains: done inline, it left the
-        # GPU idle ~12 ms per step (1.7%; bench/profile_step.py). The worker reads from its own copy of the
+        # GPU idle every step (docs/performance.md). The worker reads from its own copy of the
         # stream position, so stream.state() stays that of the consumed data (what checkpoints save).
         self.pending = self.pool.submit(self._read, copy.copy(self.stream))
         out = []
@@ -436,6 +449,8 @@ def load_val_tokens(cfg: Config) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 PENT, INT4, INT5, INT6 = 5, 16, 32, 64  # quantizer alphabets; 5 = pentanary {-2..2}
+ALPHABET_NAMES = {PENT: "pent", 8: "int3", INT4: "int4", INT5: "int5", INT6: "int6", 128: "int7", 256: "int8"}
+ALPHABETS = tuple(ALPHABET_NAMES)
 
 
 def quantize_rows(w: torch.Tensor, alphabet: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -504,17 +519,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]; GQA without materializing repeated K/V."""
-    if fa3_attn is not None and q.is_cuda and q.dtype == torch.bfloat16:
-        out = fa3_attn(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=True)
     return y.transpose(1, 2)
-
-
-def kernels_take(t: torch.Tensor) -> bool:
-    """Whether fused_kernels.py can run on t: a CUDA (or interpreted) bf16 tensor; callers check shapes."""
-    return (t.is_cuda or TRITON_ON_CPU) and t.dtype == torch.bfloat16
 
 
 def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -524,13 +531,9 @@ def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y - (y * vn).sum(-1, keepdim=True) * vn
 
 
-def xsa_proj(y: torch.Tensor, v: torch.Tensor, proj: QATLinear, out_scale=None, fused: bool = False) -> torch.Tensor:
-    """proj(xsa(y, v)) -> [B,T,dim]; fused: FusedXSAProj (XSA's backward inside the projection's)."""
-    B, T, KV, G, D = y.shape
-    whole = proj.weight.size(0) % XSA_PROJ_BLOCKS["BLOCK_K"] == 0
-    if fused and kernels_take(y) and G & (G - 1) == 0 and D & (D - 1) == 0 and whole:
-        return FusedXSAProj.apply(y, v.to(y.dtype), proj.weight_as(y.dtype, out_scale)).view(B, T, -1)
-    return proj(xsa(y, v).reshape(B, T, -1), out_scale)
+def xsa_proj(y: torch.Tensor, v: torch.Tensor, proj: QATLinear, out_scale=None) -> torch.Tensor:
+    """proj(xsa(y, v)) -> [B,T,dim]."""
+    return proj(xsa(y, v).reshape(*y.shape[:2], -1), out_scale)
 
 
 def attn_inputs(qkv, cos, sin, gain, ve, v0, lam, heads: int, kv_heads: int):
@@ -551,11 +554,11 @@ class Attention(nn.Module):
         super().__init__()
         self.h, self.kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads
         dim, kv_dim = cfg.model_dim, self.kv * self.hd
-        self.c_q, self.c_k = QATLinear(dim, dim, INT6), QATLinear(dim, kv_dim, INT6)
-        self.c_v, self.proj = QATLinear(dim, kv_dim, INT5), QATLinear(dim, dim, INT5)
+        self.c_q, self.c_k = QATLinear(dim, dim, cfg.qk_alphabet), QATLinear(dim, kv_dim, cfg.qk_alphabet)
+        self.c_v, self.proj = QATLinear(dim, kv_dim, cfg.vo_alphabet), QATLinear(dim, dim, cfg.vo_alphabet)
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5]))  # value residual (unused by layer 0)
-        self.fused = bool(cfg.fused_kernels) and triton is not None
+        self.fused = bool(cfg.fused_kernels)
 
     def forward(self, x, rope, v0, ve, out_scale=None):
         B, T, _ = x.shape
@@ -563,41 +566,28 @@ class Attention(nn.Module):
         w = torch.cat([lin.weight_as(x.dtype) for lin in (self.c_q, self.c_k, self.c_v)])
         qkv = F.linear(x, w)
         ve = None if ve is None else ve.to(qkv.dtype)
-        fused = self.fused and kernels_take(qkv) and self.hd & (self.hd - 1) == 0
         lam = None if v0 is None else self.vr_lambda.to(qkv.dtype)
-        if fused:  # v twice (the attention's, XSA's): their gradients are summed inside the kernel
-            q, k, v, v_xsa = FusedAttnInputs.apply(qkv, *rope, self.q_gain, ve, v0, lam, self.h, self.kv)
-        else:
-            q, k, v = attn_inputs(qkv, *rope, self.q_gain, ve, v0, lam, self.h, self.kv)
-            v_xsa = v
-        y = causal_attention(q, k, v.to(q.dtype)).view(B, T, self.kv, self.h // self.kv, self.hd)
-        return xsa_proj(y, v_xsa, self.proj, out_scale, self.fused), v  # layer 0's v is the value residual's v0
+        # v comes back twice, for the attention and for XSA: a fused kernel sums their gradients as it reads them
+        q, k, v, v_xsa = fast.attn_inputs(qkv, *rope, self.q_gain, ve, v0, lam, self.h, self.kv,
+                                          on=self.fused, plain=attn_inputs)
+        y = fast.attention(q, k, v.to(q.dtype), plain=causal_attention).view(B, T, self.kv, self.h // self.kv, self.hd)
+        return fast.xsa_proj(y, v_xsa, self.proj, out_scale, on=self.fused, plain=xsa_proj), v  # layer 0's v: v0
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         hidden = math.ceil(cfg.mlp_mult * cfg.model_dim / 64) * 64
-        self.up, self.down = QATLinear(cfg.model_dim, hidden, PENT), QATLinear(hidden, cfg.model_dim, INT4)
-        self.fused = bool(cfg.fused_kernels) and triton is not None
+        self.up = QATLinear(cfg.model_dim, hidden, cfg.mlp_up_alphabet)
+        self.down = QATLinear(hidden, cfg.model_dim, cfg.mlp_down_alphabet)
+        self.fused = bool(cfg.fused_kernels)
 
-    def fused_applies(self, x: torch.Tensor) -> bool:
-        if not (self.fused and (x.is_cuda or TRITON_ON_CPU)):
-            return False
-        dev = x.device.type
-        bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and
-                                             torch.get_autocast_dtype(dev) == torch.bfloat16)
-        M, (N, K) = x[..., 0].numel(), self.up.weight.shape  # the kernels take whole blocks only
-        return bf16 and all(M % b["BLOCK_M"] == 0 and N % b["BLOCK_N"] == 0 and K % b["BLOCK_K"] == 0
-                            for b in (mlp_kernel_blocks(x.device, False), mlp_kernel_blocks(x.device, True)))
+    @staticmethod
+    def plain(x, up: QATLinear, down: QATLinear, out_scale=None):
+        return down(F.leaky_relu(up(x), 0.5).square(), out_scale)
 
     def forward(self, x, out_scale=None):
-        if self.fused_applies(x):
-            bf = torch.bfloat16
-            w_up, w_down = self.up.weight_as(bf), self.down.weight_as(bf, out_scale)
-            y = FusedMLP.apply(x.reshape(-1, x.size(-1)).to(bf), w_up, w_down)
-            return y.view(*x.shape[:-1], -1)
-        return self.down(F.leaky_relu(self.up(x), 0.5).square(), out_scale)
+        return fast.mlp(x, self.up, self.down, out_scale, on=self.fused, plain=self.plain)
 
 
 class Block(nn.Module):
@@ -639,7 +629,7 @@ class GPT(nn.Module):
         self.n_enc = cfg.num_layers // 2
         self.skip_weights = nn.Parameter(torch.full((min(self.n_enc, cfg.num_layers - self.n_enc), dim), 0.1))
         # Tables as buffers: computed inside the compiled graph, cos/sin/pow ran per element in every
-        # q/k kernel (35-45 ms of a 1xH100 step, measured). Not in the state dict, so not in the artifact.
+        # q/k kernel (docs/performance.md). Not in the state dict, so not in the artifact.
         cos, sin = rope_tables(max(cfg.train_seq_len, cfg.eval_seq_len), cfg.rope_dims, "cpu")
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -831,13 +821,13 @@ class Optimizers:
             betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.adam_wd, fused=d.device.type == "cuda")
         self.muon = ParallelMuon(matrices, d, cfg.muon_backend_steps)
 
-    def muon_momentum(self, step: int) -> float:
+    def muon_momentum(self, step: float) -> float:
         c = self.cfg
         frac = min(1.0, step / c.muon_momentum_warmup_steps) if c.muon_momentum_warmup_steps else 1.0
         return c.muon_momentum_warmup_start + frac * (c.muon_momentum - c.muon_momentum_warmup_start)
 
     @torch.no_grad()
-    def step(self, step: int, scale: float) -> None:
+    def step(self, step: float, scale: float) -> None:
         c, d = self.cfg, self.d
         mgrad = self.muon.reduce_grads()
         agrads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.adam_params]
@@ -880,8 +870,15 @@ class Optimizers:
 # ----------------------------------------------------------------------------------------------------
 
 
+def warmup_step(cfg: Config, step: int, elapsed: float) -> float:
+    """The step the warm-ups count: the real one, or under WARMUP_BY_CLOCK the clock's share of ITERATIONS."""
+    if cfg.warmup_by_clock and cfg.max_wallclock_seconds > 0:
+        return elapsed / cfg.max_wallclock_seconds * cfg.iterations
+    return step
+
+
 def lr_scale(cfg: Config, step: int, elapsed: float) -> float:
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    warm = min(1.0, (warmup_step(cfg, step, elapsed) + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
     if cfg.max_wallclock_seconds > 0:  # warm-down over the last WARMDOWN_ITERS/ITERATIONS of the clock
         span = cfg.max_wallclock_seconds * cfg.warmdown_iters / cfg.iterations
         down = min(1.0, max(0.0, (cfg.max_wallclock_seconds - elapsed) / span)) if span > 0 else 1.0
@@ -901,13 +898,13 @@ class WeightAverage:
             self.acc = [p.detach().float().clone() for p in model.parameters()]
 
     @torch.no_grad()
-    def update(self, model: GPT, step: int, scale: float) -> None:
+    def update(self, model: GPT, step: int, scale: float, warm_step: float) -> None:
         c = self.cfg
         if c.final_weights == "ema":
             for a, p in zip(self.acc, model.parameters()):
                 a.lerp_(p.float(), 1 - c.ema_decay)
             self.count += 1
-        elif (c.final_weights == "swa" and c.swa_every > 0 and step >= c.warmup_steps  # a warm-down, not warm-up, low
+        elif (c.final_weights == "swa" and c.swa_every > 0 and warm_step >= c.warmup_steps  # a warm-down, not warm-up, low
               and scale < c.swa_start_scale and (step + 1) % c.swa_every == 0):
             if self.acc is None:
                 self.acc = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
@@ -1029,7 +1026,7 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
         if d.world > 1:
             dist.broadcast(p.data, 0)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} world_size:{d.world} device:{d.device} "
-        f"attention:{'fa3' if fa3_attn is not None and d.device.type == 'cuda' else 'sdpa'}")
+        f"attention:{'fa3' if fast.fa3_attn is not None and d.device.type == 'cuda' else 'sdpa'}")
     log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile else model
     if cfg.compile and cfg.compile_warmup_steps > 0:  # compile before the clock, then restore (rules §1.2)
@@ -1065,11 +1062,11 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
         elapsed = clock.next_start(step)  # every rank uses the same clock: same lr, same stop step
         if step >= cfg.iterations or 0 < cfg.max_wallclock_seconds <= elapsed:
             break
-        scale = lr_scale(cfg, step, elapsed)
+        scale, warm_step = lr_scale(cfg, step, elapsed), warmup_step(cfg, step, elapsed)
         loss = forward_backward(fwd, loader.next_step(), d)
-        opt.step(step, scale)
+        opt.step(warm_step, scale)
         opt.zero_grad()
-        avg.update(model, step, scale)
+        avg.update(model, step, scale, warm_step)
         step += 1
         logged = step <= 10 or step % cfg.log_every == 0 or step == cfg.iterations
         clock.enqueued(step, wait_all=logged)
@@ -1125,11 +1122,14 @@ def check_ranks_agree(model: GPT, d: Dist, step: int, log: Log) -> None:
 # rest, in a pickle-free container (JSON header + raw blobs + SHA-256), then lzma-9e or zstd-22.
 # ----------------------------------------------------------------------------------------------------
 
-ARTIFACT_MAGIC = b"HQGPT61\x00"
 SIZE_CAP = 16_000_000
-CODE_FILES = ("train_gpt.py", "fused_kernels.py", "cutlass_mlp.cu", "rans_codec.py")  # the code a run uses, counted
-MAX_PAYLOAD = 1 << 30  # refuse to decompress beyond this (a hostile file could otherwise fill memory)
-GROUP_NAMES = {INT6: "int6 q/k", INT5: "int5 v/o", INT4: "int4 mlp-down", PENT: "pent mlp-up"}
+CODE_FILES = ("train_gpt.py", "fused_kernels.py", "cutlass_mlp.cu", "rans_codec.py", "hq_artifact.py")  # the code a run uses, packed
+GROUP_ROLES = {"c_q": "q/k", "c_k": "q/k", "c_v": "v/o", "proj": "v/o", "up": "mlp-up", "down": "mlp-down",
+               "tok_emb": "tok_emb"}  # a stored matrix's group in the size table: its module's role
+
+
+def group_name(tensor: str, alphabet: int) -> str:
+    return f"{ALPHABET_NAMES[alphabet]} {GROUP_ROLES[tensor.split('.')[-2]]}"
 
 
 def quantized_tensors(model: GPT, cfg: Config) -> dict[str, int]:
@@ -1141,122 +1141,57 @@ def quantized_tensors(model: GPT, cfg: Config) -> dict[str, int]:
 
 
 def build_artifact(model: GPT, cfg: Config) -> tuple[bytes, list]:
-    """Returns the uncompressed payload and a per-group size table."""
-    import rans_codec
-    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    """Returns the uncompressed payload and a per-group size table (the container: hq_artifact.pack)."""
+    def quantize(w: np.ndarray, a: int) -> tuple[np.ndarray, np.ndarray]:
+        q, scale = quantize_rows(torch.from_numpy(w), a)
+        return (q + a // 2).to(torch.uint8).numpy(), scale.numpy()
     qnames = quantized_tensors(model, cfg)
-    tensors, blobs, streams, off = [], [], [], 0
-    groups: dict[str, list] = {}  # group -> [params, entropy bits, bytes]
-    for name, w in sd.items():
-        if name in qnames:
-            a = qnames[name]
-            q, scale = quantize_rows(w, a)
-            sym = (q + a // 2).to(torch.uint8).numpy()
-            streams.append((sym, a))
-            raw = scale.numpy().astype("<f2").tobytes()
-            counts = np.bincount(sym.ravel(), minlength=a)
-            f = rans_codec.normalize_freqs(counts)
-            bits = float((counts[counts > 0] * np.log2(rans_codec.M / f[counts > 0])).sum())
-            g = groups.setdefault(GROUP_NAMES[a] if name != "tok_emb.weight" else "int6 tok_emb", [0, 0.0, 0])
-            g[0] += w.numel(); g[1] += bits; g[2] += len(raw)
-            tensors.append({"name": name, "shape": list(w.shape), "alphabet": a, "scale_offset": off, "scale_bytes": len(raw)})
-        else:
-            raw = w.numpy().astype("<f2").tobytes()
-            g = groups.setdefault("fp16 passthrough", [0, 0.0, 0])
-            g[0] += w.numel(); g[2] += len(raw)
-            tensors.append({"name": name, "shape": list(w.shape), "offset": off, "bytes": len(raw)})
-        blobs.append(raw)
-        off += len(raw)
-    stream = rans_codec.encode_many(streams)
-    blobs.append(stream)
-    header = {"format": 1, "config": {k: getattr(cfg, k) for k in MODEL_FIELDS}, "tensors": tensors,
-              "rans_offset": off, "rans_bytes": len(stream)}
-    hj = json.dumps(header, separators=(",", ":")).encode()
-    body = ARTIFACT_MAGIC + len(hj).to_bytes(4, "little") + hj + b"".join(blobs)
-    payload = body + hashlib.sha256(body).digest()
-    total_bits = sum(g[1] for g in groups.values()) or 1.0
-    table = []
-    for gname, (n, bits, extra) in groups.items():  # stream bytes shared out by each group's code length
-        sbytes = len(stream) * bits / total_bits
-        table.append((gname, n, (sbytes + extra) * 8 / n, sbytes + extra))
-    table.append(("header+framing", 0, 0.0, len(payload) - sum(t[3] for t in table)))
-    return payload, table
+    tensors = [(k, v.detach().float().cpu().numpy(), qnames.get(k)) for k, v in model.state_dict().items()]
+    return hq_artifact.pack(tensors, {k: getattr(cfg, k) for k in MODEL_FIELDS}, quantize, group_name)
 
 
-def compress(payload: bytes, method: str) -> bytes:
-    if method == "zstd":
-        import zstandard
-        return zstandard.ZstdCompressor(level=22).compress(payload)
-    import lzma
-    return lzma.compress(payload, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+def artifact_config(mc: dict) -> Config:
+    cfg = Config()
+    for k in MODEL_FIELDS:
+        v = mc.get(k, MODEL_FIELDS_ADDED[k]) if k in MODEL_FIELDS_ADDED else mc[k]
+        setattr(cfg, k, type(getattr(cfg, k))(v))
+    check_config(cfg)
+    return cfg
 
 
-def decompress(data: bytes, path: str) -> bytes:
-    if data[:6] == b"\xfd7zXZ\x00":
-        import lzma
-        dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-        try:
-            out = dec.decompress(data, max_length=MAX_PAYLOAD)
-        except lzma.LZMAError as e:
-            raise InputError(f"{path}: corrupted xz data ({e})") from None
-        if not dec.eof:
-            raise InputError(f"{path}: truncated or oversized xz data")
-        return out
-    if data[:4] == b"\x28\xb5\x2f\xfd":
-        import zstandard
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(data) as r:
-                out = r.read(MAX_PAYLOAD + 1)
-        except zstandard.ZstdError as e:
-            raise InputError(f"{path}: corrupted zstd data ({e})") from None
-        if len(out) > MAX_PAYLOAD:
-            raise InputError(f"{path}: zstd payload larger than {MAX_PAYLOAD} bytes")
-        return out
-    if data[:8] == ARTIFACT_MAGIC:
-        return data
-    raise InputError(f"{path}: not an artifact (neither xz, zstd nor a raw {ARTIFACT_MAGIC[:7].decode()} payload)")
+def check_artifact_model(cfg: Config, table: list, dim_cap: int, total: int) -> None:
+    """After hq_artifact.check_table, the table against the model its config describes (on the meta device, its
+    size first bounded by the table): names in its state-dict order, its shapes, and its quantized matrices
+    with its alphabets (other quantized tensors, tok_emb with EMBED_BITS=6, may differ)."""
+    # every layer has tensors, model_dim sizes fp16 gains and quantized rows (inside the blob) and a
+    # dim x dim matrix: so building the model (meta device, but rope tables on the CPU) stays cheap
+    if cfg.num_layers > len(table) or cfg.model_dim > dim_cap or cfg.model_dim ** 2 > total:
+        raise ValueError(f"config ({cfg.num_layers} layers, dim {cfg.model_dim}) larger than the table holds")
+    try:
+        with torch.device("meta"):
+            model = GPT(cfg)
+        want = {k: list(v.shape) for k, v in model.state_dict().items()}
+        qat = quantized_tensors(model, cfg)
+    except (RuntimeError, OverflowError, ValueError, MemoryError) as e:
+        raise ValueError(f"the config describes no buildable model ({type(e).__name__}: {e})") from None
+    if [t[0] for t in table] != list(want):
+        raise ValueError("tensor names or their order differ from the model its config describes")
+    for name, shape, a, _ in table:
+        if shape != want[name]:
+            raise ValueError(f"{name}: shape {shape}, the model's is {want[name]}")
+        if name in qat and a != qat[name]:
+            raise ValueError(f"{name}: alphabet {a}, the config's is {qat[name]}")
 
 
 def parse_artifact(data: bytes, path: str) -> tuple[Config, dict[str, torch.Tensor]]:
-    """Checks and decodes an artifact without executing anything from it (JSON + raw arrays only)."""
-    import rans_codec
-    p = decompress(data, path)
-    if len(p) < 44 or p[:8] != ARTIFACT_MAGIC:
-        raise InputError(f"{path}: bad magic")
-    if hashlib.sha256(p[:-32]).digest() != p[-32:]:
-        raise InputError(f"{path}: checksum mismatch (corrupted or truncated artifact)")
-    hl = int.from_bytes(p[8:12], "little")
+    """Checks and decodes an artifact without executing anything from it (hq_artifact.parse: the whole header
+    is validated before anything is decoded, and the rANS decode is bounded by what it declares)."""
     try:
-        header = json.loads(p[12:12 + hl])
-        blob = p[12 + hl:-32]
-        mc = header["config"]
-        cfg = Config()
-        for k in MODEL_FIELDS:
-            v = mc.get(k, MODEL_FIELDS_ADDED[k]) if k in MODEL_FIELDS_ADDED else mc[k]
-            setattr(cfg, k, type(getattr(cfg, k))(v))
-        check_config(cfg)
-        expected = sum(math.prod(int(x) for x in t["shape"]) for t in header["tensors"] if "alphabet" in t)
-        if expected > MAX_PAYLOAD:
-            raise ValueError(f"header lists {expected} quantized weights")
-        streams = rans_codec.decode_many(blob[header["rans_offset"]:header["rans_offset"] + header["rans_bytes"]], expected)
-        sd, si = {}, 0
-        for t in header["tensors"]:
-            shape = [int(s) for s in t["shape"]]
-            if "alphabet" in t:
-                a = int(t["alphabet"])
-                sym = streams[si]
-                si += 1
-                scale = np.frombuffer(blob, "<f2", count=shape[0], offset=int(t["scale_offset"]))
-                q = torch.from_numpy(sym.astype(np.float32).reshape(shape)) - a // 2
-                sd[t["name"]] = dequantize_rows(q, torch.from_numpy(scale.astype(np.float16)).view(-1, 1), a)
-            else:
-                raw = np.frombuffer(blob, "<f2", count=math.prod(shape), offset=int(t["offset"]))
-                sd[t["name"]] = torch.from_numpy(raw.astype(np.float32)).view(shape)
-        if si != len(streams):
-            raise ValueError("unused rANS streams")
-    except (rans_codec.RansError, ValueError, KeyError, TypeError, InputError) as e:
-        raise InputError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
-    return cfg, sd
+        cfg, arrays = hq_artifact.parse(data, artifact_config, check_artifact_model, wrap=(InputError,))
+    except hq_artifact.ArtifactError as e:
+        raise InputError(f"{path}: {e}") from None
+    return cfg, {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else
+                 dequantize_rows(torch.from_numpy(v[1]), torch.from_numpy(v[2]), v[0]) for k, v in arrays.items()}
 
 
 def load_artifact(path: str, device) -> tuple[GPT, Config]:
@@ -1264,20 +1199,28 @@ def load_artifact(path: str, device) -> tuple[GPT, Config]:
         data = Path(path).read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot read artifact ({e.strerror})") from None
-    mcfg, sd = parse_artifact(data, path)
-    with torch.device("meta"):  # compare shapes before allocating what a forged config might ask for
-        shapes = {k: tuple(v.shape) for k, v in GPT(mcfg).state_dict().items()}
-    if shapes != {k: tuple(v.shape) for k, v in sd.items()}:
-        raise InputError(f"{path}: tensors do not fit the model its config describes")
+    mcfg, sd = parse_artifact(data, path)  # names, order and shapes checked against GPT(mcfg) on the meta device
     model = GPT(mcfg)
     model.load_state_dict(sd, strict=True)
     model.set_quantized(False)  # the weights already are the dequantized values
     return model.to(device), mcfg
 
+def code_sizes() -> dict:
+    """The counted code is the self-extracting train_gpt.py that --pack writes (packing.py): when running packed,
+    that file (its stub sets __packed_file__); from the sources, CODE_FILES packed in memory (the same bytes)."""
+    here = Path(__file__).resolve().parent
+    packed_file = globals().get("__packed_file__")
+    if packed_file:
+        script = Path(packed_file).read_bytes()
+    else:
+        import packing
+        script = packing.pack_script(here, CODE_FILES)
+    return {"packed": len(script), "source": sum((here / f).stat().st_size for f in CODE_FILES),
+            "sha256": hashlib.sha256(script).hexdigest()}
+
 
 def code_bytes() -> int:
-    here = Path(__file__).resolve().parent
-    return sum((here / f).stat().st_size for f in CODE_FILES)
+    return code_sizes()["packed"]
 
 
 def write_artifact(model: GPT, cfg: Config, d: Dist, log: Log) -> tuple[str, dict]:
@@ -1287,16 +1230,18 @@ def write_artifact(model: GPT, cfg: Config, d: Dist, log: Log) -> tuple[str, dic
         t0 = time.perf_counter()
         payload, table = build_artifact(model, cfg)
         t1 = time.perf_counter()
-        blob = compress(payload, cfg.compressor)
+        blob = hq_artifact.compress(payload, cfg.compressor)
         t2 = time.perf_counter()
-        code = code_bytes()
+        sizes = code_sizes()
+        code = sizes["packed"]
         info = {"bytes_model": len(blob), "bytes_code": code, "bytes_total": len(blob) + code,
+                "bytes_code_source": sizes["source"], "code_sha256": sizes["sha256"],
                 "payload_bytes": len(payload), "encode_s": t1 - t0, "compress_s": t2 - t1}
         log(f"artifact_groups: {'group':<18}{'params':>11}{'bits/weight':>13}{'bytes':>12}{'share':>8}")
         for g, n, bpw, b in table:
             log(f"artifact_groups: {g:<18}{n:>11}{bpw:>13.3f}{b:>12.0f}{100 * b / len(payload):>7.2f}%")
         log(f"artifact: payload:{len(payload)} compressed:{len(blob)} ({cfg.compressor}) encode:{t1 - t0:.2f}s compress:{t2 - t1:.2f}s")
-        log(f"size: code:{code} + model:{len(blob)} = total:{len(blob) + code} cap:{SIZE_CAP} "
+        log(f"size: code:packed:{code} source:{sizes['source']} + model:{len(blob)} = total:{len(blob) + code} cap:{SIZE_CAP} "
             f"{'UNDER' if len(blob) + code <= SIZE_CAP else 'OVER'}")
     over = d.all_reduce(torch.tensor([float(info.get("bytes_total", 0) > SIZE_CAP)], device=d.device)).item() > 0
     if over:
@@ -1663,6 +1608,7 @@ def write_submission(cfg: Config, d: Dist, ev: dict, art: dict, train_info: dict
         "eval_modes": {k: {"val_bpb": v["val_bpb"], "val_loss": v["val_loss"], "seconds": round(v["seconds"], 1),
                            "record_legal": v["legal"]} for k, v in ev["modes"].items()},
         "bytes_total": art["bytes_total"], "bytes_code": art["bytes_code"], "bytes_model": art["bytes_model"],
+        **{k: art[k] for k in ("bytes_code_source", "code_sha256") if k in art},  # bytes_code: the packed script's
         "steps": train_info["steps"], "wallclock_seconds": round(train_info["train_time"], 1),
         "hardware": f"{d.world}x {hw}", "date": time.strftime("%Y-%m-%d"), "seed": cfg.seed,
         "data_path": cfg.data_path, "command": " ".join(sys.argv),
@@ -1673,30 +1619,6 @@ def write_submission(cfg: Config, d: Dist, ev: dict, art: dict, train_info: dict
     log(f"saved:{Path(cfg.run_dir) / 'submission.json'} score_mode:{ev['primary']} val_bpb:{p['val_bpb']:.8f}")
 
 
-def select_mlp_kernels(cfg: Config, d: Dist, log: Log) -> None:
-    """CUTLASS's MLP kernels where they build (on Hopper, before the training clock), else Triton's. Not for
-    --eval-only: a first build takes about a minute of the evaluation's budget, and the results are the same."""
-    if cfg.fused_kernels and cfg.cutlass_mlp and triton is not None:
-        log(f"cutlass_mlp:{enable_cutlass_mlp(d.device)}")
-
-
-def tune_inductor(device: torch.device) -> str:
-    """Inductor's mix-order reductions (a row's RMS-norm backward fused with column sums: resid_mix gradients, x0's
-    deferred gradient adds) load up to 12 activation tensors per row and, unpipelined (torch 2.11's default), ran
-    at 1.55 TB/s; two pipeline stages (split 32 rows x 4 per iteration) give 2.9 with bit-equal stores, column sums
-    equal to fp32 rounding (1xH100, bench/experiments/mix_order_kernels.py). The stages need ~100 KiB of shared
-    memory: not on consumer GPUs."""
-    smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) if device.type == "cuda" else 0
-    if smem < 200 << 10:
-        return "default"
-    import torch._inductor.config as inductor
-    if not hasattr(inductor.triton, "mix_order_reduction_split_size"):  # torch before mix-order reductions
-        return "default (no mix-order reductions in this torch)"
-    inductor.triton.mix_order_reduction_allow_multi_stages = True
-    inductor.triton.mix_order_reduction_split_size = 32  # 32 rows / XBLOCK 4 = 8 iterations -> 2 stages
-    return "mix_order_reduction pipelined (split 32, 2 stages)"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Every Config field is also a flag (--matrix-lr) and an environment variable (MATRIX_LR).")
@@ -1704,14 +1626,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", metavar="CKPT", help="continue training from a ckpt_step*.pt")
     ap.add_argument("--eval-only", metavar="ARTIFACT", help="evaluate an artifact (model.hqa); no training")
     ap.add_argument("--save-nll", metavar="PATH", help="write the scored per-target NLL (float64 nats) as .npy")
+    ap.add_argument("--pack", metavar="DIR", help="write a records folder (new or empty) and exit: the self-extracting "
+                    "train_gpt.py (all counted code), requirements.txt, README.md, submission.json, the runs' logs")
+    ap.add_argument("--pack-runs", metavar="RUN[,RUN...]", help="with --pack: run folders (submission.json, train.log), "
+                    "one per seed, whose results and logs go into the records folder")
     for f in fields(Config):
         ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(), default=None)
     args = ap.parse_args(argv)
     d = None
     try:
+        if args.pack is not None or args.pack_runs is not None:
+            if args.pack is None or args.resume or args.eval_only or args.save_nll:
+                raise InputError("--pack DIR [--pack-runs RUN,...] takes no --resume, --eval-only or --save-nll"
+                                 if args.pack else "--pack-runs needs --pack DIR")
+            if globals().get("__packed_file__"):
+                raise InputError("--pack packs the source tree; this is a packed train_gpt.py")
+            import packing
+            try:
+                print(packing.write_records(args.pack, args.pack_runs, Path(__file__).resolve().parent, CODE_FILES))
+            except packing.PackError as e:
+                raise InputError(str(e)) from None
+            return
         cfg = build_config(args.preset, {f.name: getattr(args, f.name) for f in fields(Config)})
         d = init_dist()
-        inductor_mode = tune_inductor(d.device)
+        inductor_mode = fast.tune_inductor(d.device)
         if args.eval_only:
             log = Log(d, str(Path(cfg.run_dir) / "eval.log"))
             log(f"inductor:{inductor_mode}")
@@ -1725,7 +1663,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         log = Log(d, str(Path(cfg.run_dir) / "train.log"))
         log(f"inductor:{inductor_mode}")
-        select_mlp_kernels(cfg, d, log)
+        fast.select_mlp_kernels(cfg.fused_kernels, cfg.cutlass_mlp, d.device, log)
         model, train_info = train(cfg, d, log, args.resume)
         evaluate(model, ValData(cfg), cfg, d, cfg.eval_seq_len, "raw", log=log)
         path, art = write_artifact(model, cfg, d, log)

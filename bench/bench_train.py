@@ -50,7 +50,7 @@ def setup(preset: str, data_path: str, compile_mode: str | None = None, **flags)
     fused_kernels.cutlass_lib = None
     if cfg.fused_kernels and cfg.cutlass_mlp:
         print(f"{preset} cutlass_mlp:{fused_kernels.enable_cutlass_mlp(d.device)}", flush=True)
-    print(f"{preset} inductor:{tg.tune_inductor(d.device)}", flush=True)
+    print(f"{preset} inductor:{fused_kernels.tune_inductor(d.device)}", flush=True)
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg).to(d.device)
     fwd = torch.compile(model, dynamic=False, fullgraph=True, mode=compile_mode) if cfg.compile else model
@@ -94,7 +94,7 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 dense peak used for utilization")
     a = ap.parse_args()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(f"device:{dev} torch:{torch.__version__} attention:{'fa3' if tg.fa3_attn else 'sdpa'} steps:{a.steps}")
+    print(f"device:{dev} torch:{torch.__version__} attention:{'fa3' if fused_kernels.fa3_attn else 'sdpa'} steps:{a.steps}")
     rows = []
     for p in a.presets.split(","):
         for path in a.paths.split(","):

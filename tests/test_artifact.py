@@ -5,13 +5,20 @@ import hashlib
 import io
 import json
 import lzma
+import math
 import pickle
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
+import hq_artifact as ha
+import packing
+import rans_codec as rc
 from conftest import dist1, quiet_log, randomize, smoke_cfg, tg
 
 
@@ -47,8 +54,8 @@ def ids():
 @pytest.fixture(scope="module")
 def artifact(trained):
     payload, table = tg.build_artifact(trained["model"], trained["cfg"])
-    return {"payload": payload, "table": table, "xz": tg.compress(payload, "lzma"),
-            "zst": tg.compress(payload, "zstd")}
+    return {"payload": payload, "table": table, "xz": ha.compress(payload, "lzma"),
+            "zst": ha.compress(payload, "zstd")}
 
 
 def test_round_trip_state_is_exact(trained, artifact):
@@ -97,7 +104,7 @@ def test_embed_bits_6(trained, tmp_path, ids):
     assert len(payload6) < len(payload16) - 50_000  # 1024x64 embedding: 2 bytes -> ~6 bits per weight
     assert "int6 tok_emb" in [g for g, *_ in table6]
     path = tmp_path / "model.hqa"
-    path.write_bytes(tg.compress(payload6, "zstd"))
+    path.write_bytes(ha.compress(payload6, "zstd"))
     loaded, _ = tg.load_artifact(str(path), torch.device("cpu"))
     exp = expected_state(model, cfg6)
     assert all(torch.equal(v, exp[k]) for k, v in loaded.state_dict().items())
@@ -112,7 +119,7 @@ def test_round_trip_of_a_random_model_with_all_tensors_nonzero(tmp_path, ids):
     """Every tensor (incl. the zero-initialized ones) carries information through the codec."""
     cfg = smoke_cfg(tmp_path, compressor="zstd")
     model = randomize(tg.GPT(cfg), seed=3, std=0.2)
-    _, sd = tg.parse_artifact(tg.compress(tg.build_artifact(model, cfg)[0], "zstd"), "x")
+    _, sd = tg.parse_artifact(ha.compress(tg.build_artifact(model, cfg)[0], "zstd"), "x")
     exp = expected_state(model, cfg)
     assert all(torch.equal(sd[k], exp[k]) and exp[k].abs().sum() > 0 for k in exp)
 
@@ -133,6 +140,60 @@ def test_size_table_sums_to_payload(trained, artifact):
 
 
 # ---------------------------------------------------------------------------------------------------
+# hq_artifact: the container alone (bytes and numpy arrays; no model, no torch)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _quantize_np(x, a):
+    s = np.abs(x).max(1, keepdims=True)
+    return (np.clip(np.round(x / s * (a // 2)), -(a // 2), a // 2 - 1) + a // 2).astype(np.uint8), s.astype(np.float16)
+
+
+def test_container_round_trips_arrays_without_a_model():
+    rng = np.random.default_rng(0)
+    w, g = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    payload, table = ha.pack([("w", w, 16), ("g", g, None)], {"k": 1}, _quantize_np, lambda n, a: f"{n}:{a}")
+    assert [t[0] for t in table] == ["w:16", "fp16 passthrough", "header+framing"]
+    assert abs(sum(t[3] for t in table) - len(payload)) < 1e-6
+    sym, scale = _quantize_np(w, 16)
+    for data in (payload, ha.compress(payload, "lzma"), ha.compress(payload, "zstd")):
+        seen = []
+        cfg, out = ha.parse(data, dict, lambda *a: seen.append(a))
+        assert cfg == {"k": 1} and list(out) == ["w", "g"]
+        assert seen == [(cfg, [("w", [4, 6], 16, 0), ("g", [5], None, 8)], 5, 29)]  # table, dim_cap, weights
+        a, levels, s = out["w"]
+        assert a == 16 and levels.dtype == np.float32 and np.array_equal(levels, sym - 8.0)
+        assert s.dtype == np.float16 and np.array_equal(s, scale)
+        assert out["g"].dtype == np.float32 and np.array_equal(out["g"], g.astype(np.float16).astype(np.float32))
+
+
+def test_container_errors_carry_no_path_and_wrap_only_what_is_asked():
+    payload, _ = ha.pack([("g", np.ones(3, np.float32), None)], {}, _quantize_np, None)
+    with pytest.raises(ha.ArtifactError, match=r"^not an artifact \(neither xz, zstd nor a raw HQGPT61 payload\)$"):
+        ha.parse(b"junk", dict, lambda *a: None)
+    with pytest.raises(ha.ArtifactError, match=r"^checksum mismatch"):
+        ha.parse(payload[:-1] + bytes([payload[-1] ^ 1]), dict, lambda *a: None)
+
+    class Refused(Exception):
+        pass
+
+    def refuse(*a):
+        raise Refused("no")
+    with pytest.raises(ha.ArtifactError, match=r"^malformed artifact \(Refused: no\)$"):
+        ha.parse(payload, refuse, lambda *a: None, wrap=(Refused,))
+    with pytest.raises(Refused):  # not listed in wrap: the caller's own error passes through
+        ha.parse(payload, dict, refuse)
+
+
+def test_container_module_imports_neither_torch_nor_train_gpt():
+    import subprocess
+    import sys
+    code = "import sys, hq_artifact; assert not {'torch', 'train_gpt'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(ha.__file__).parent, check=True)
+    assert "hq_artifact.py" in tg.CODE_FILES  # counted and packed with the rest of the code
+
+
+# ---------------------------------------------------------------------------------------------------
 # write_artifact and the size cap
 # ---------------------------------------------------------------------------------------------------
 
@@ -143,8 +204,9 @@ def test_write_artifact_under_cap(trained, tmp_path):
     path, info = tg.write_artifact(trained["model"], cfg, dist1(), quiet_log(tmp_path / "log"))
     assert Path(path) == tmp_path / "run" / "model.hqa" and Path(path).exists()
     assert info["bytes_model"] == Path(path).stat().st_size
-    assert info["bytes_code"] == tg.code_bytes() == sum((Path(tg.__file__).parent / f).stat().st_size
-                                                         for f in ("train_gpt.py", "fused_kernels.py", "cutlass_mlp.cu", "rans_codec.py"))
+    here = Path(tg.__file__).parent
+    assert info["bytes_code"] == tg.code_bytes() == len(packing.pack_script(here, tg.CODE_FILES))  # the packed script
+    assert info["bytes_code_source"] == sum((here / f).stat().st_size for f in tg.CODE_FILES) > info["bytes_code"]
     assert info["bytes_total"] == info["bytes_model"] + info["bytes_code"] <= tg.SIZE_CAP
     assert "UNDER" in (tmp_path / "log").read_text()
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["model.hqa"]  # no temp file left behind
@@ -203,7 +265,7 @@ def test_missing_file_is_refused(tmp_path):
         tg.load_artifact(str(tmp_path / "nope.hqa"), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("prefix", [b"", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", tg.ARTIFACT_MAGIC])
+@pytest.mark.parametrize("prefix", [b"", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", ha.MAGIC])
 def test_random_bytes_are_refused(tmp_path, prefix):
     rng = np.random.default_rng(len(prefix))
     for n in (1, 64, 5000):
@@ -229,9 +291,9 @@ def test_pickle_bearing_files_are_refused_without_running_code(tmp_path, trained
         if wrap == "xz":
             blob = lzma.compress(blob, format=lzma.FORMAT_XZ)
         elif wrap == "zstd":
-            blob = tg.compress(blob, "zstd")
+            blob = ha.compress(blob, "zstd")
         elif wrap == "after_magic":  # a pickle where the header should be, with a valid checksum
-            body = tg.ARTIFACT_MAGIC + len(blob).to_bytes(4, "little") + blob
+            body = ha.MAGIC + len(blob).to_bytes(4, "little") + blob
             blob = body + hashlib.sha256(body).digest()
         _refused(blob, tmp_path)
         assert not marker.exists()
@@ -245,7 +307,7 @@ def _forge(payload: bytes, edit) -> bytes:
     header = json.loads(payload[12:12 + hl])
     edit(header)
     hj = json.dumps(header).encode()
-    body = tg.ARTIFACT_MAGIC + len(hj).to_bytes(4, "little") + hj + payload[12 + hl:-32]
+    body = ha.MAGIC + len(hj).to_bytes(4, "little") + hj + payload[12 + hl:-32]
     return body + hashlib.sha256(body).digest()
 
 
@@ -266,7 +328,7 @@ FORGERIES = {
 
 @pytest.mark.parametrize("name", sorted(FORGERIES))
 def test_forged_header_with_valid_checksum_is_refused(artifact, tmp_path, name):
-    _refused(tg.compress(_forge(artifact["payload"], FORGERIES[name]), "zstd"), tmp_path)
+    _refused(ha.compress(_forge(artifact["payload"], FORGERIES[name]), "zstd"), tmp_path)
 
 
 def test_forged_zero_heads_is_refused(artifact, tmp_path):
@@ -296,3 +358,235 @@ def test_residual_dtype_travels_and_older_artifacts_load_as_fp32(artifact):
     _refused_cfg = _forge(artifact["payload"], lambda h: h["config"].__setitem__("residual_dtype", "fp8"))
     with pytest.raises(tg.InputError):
         tg.parse_artifact(_refused_cfg, "x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole header table is validated before decoding (issue 21.6): a forged header with a recomputed
+# checksum is refused or loads bit-identical weights, and the rANS decode is bounded by the header
+# ---------------------------------------------------------------------------------------------------
+
+
+def _bits(sd):
+    """Each tensor as its raw bits (torch.equal would let -0.0 pass for 0.0 and fail NaN for NaN)."""
+    return {k: (tuple(v.shape), v.dtype, v.contiguous().view(torch.int32)) for k, v in sd.items()}
+
+
+def _refused_or_identical(data: bytes, ref_bits) -> str:
+    try:
+        _, sd = tg.parse_artifact(data, "forged.hqa")
+    except tg.InputError as e:
+        assert "forged.hqa" in str(e)
+        return "refused"
+    got = _bits(sd)
+    assert set(got) == set(ref_bits), "loaded a different set of tensors"
+    for k, (shape, dtype, bits) in ref_bits.items():
+        assert got[k][:2] == (shape, dtype) and torch.equal(got[k][2], bits), f"{k} loaded different weights"
+    return "identical"
+
+
+@pytest.fixture(scope="module")
+def ref_bits(artifact):
+    return _bits(tg.parse_artifact(artifact["payload"], "ref")[1])
+
+
+def _fp16(h, nbytes=None, k=0):
+    """The k-th fp16 tensor (with `nbytes` bytes, if given)."""
+    return [t for t in h["tensors"] if "offset" in t and nbytes in (None, t["bytes"])][k]
+
+
+def _quant(h, k=0):
+    return [t for t in h["tensors"] if "alphabet" in t][k]
+
+
+def _swap(a, b, key):
+    a[key], b[key] = b[key], a[key]
+
+
+SILENT_FORGERIES = {  # each loaded wrong weights without a word before the table was validated
+    "fp16_offset_shifted": lambda h: _fp16(h, 128).__setitem__("offset", _fp16(h, 128)["offset"] + 2),
+    "fp16_offset_shifted_back": lambda h: _fp16(h, 128, 1).__setitem__("offset", _fp16(h, 128, 1)["offset"] - 2),
+    "two_tensors_one_offset": lambda h: _fp16(h, 128, 1).__setitem__("offset", _fp16(h, 128, 0)["offset"]),
+    "offsets_swapped": lambda h: _swap(_fp16(h, 128, 0), _fp16(h, 128, 1), "offset"),
+    "names_swapped": lambda h: _swap(_fp16(h, 128, 0), _fp16(h, 128, 1), "name"),
+    "scale_offset_shifted": lambda h: _quant(h).__setitem__("scale_offset", _quant(h)["scale_offset"] + 2),
+    "scale_offsets_swapped": lambda h: _swap(_quant(h, 0), _quant(h, 2), "scale_offset"),
+    "alphabet_halved": lambda h: _quant(h).__setitem__("alphabet", _quant(h)["alphabet"] // 2),
+    "alphabet_doubled": lambda h: _quant(h).__setitem__("alphabet", _quant(h)["alphabet"] * 2),
+}
+SLOPPY_FORGERIES = {  # ignored before (the loader read what it needed), caught only after decoding (shapes)
+    # or crashing (duplicate: IndexError); refused now before decoding: the table must add up
+    "fp16_shape_transposed": lambda h: _fp16(h, 256).__setitem__("shape", _fp16(h, 256)["shape"][::-1]),
+    "quantized_shape_transposed": lambda h: _quant(h, 1).__setitem__("shape", _quant(h, 1)["shape"][::-1]),
+    "fp16_bytes_wrong": lambda h: _fp16(h, 128).__setitem__("bytes", 130),
+    "scale_bytes_wrong": lambda h: _quant(h).__setitem__("scale_bytes", _quant(h)["scale_bytes"] - 2),
+    "rans_bytes_short": lambda h: h.__setitem__("rans_bytes", h["rans_bytes"] - 1),
+    "offset_as_float": lambda h: _fp16(h).__setitem__("offset", float(_fp16(h)["offset"])),
+    "alphabet_as_string": lambda h: _quant(h).__setitem__("alphabet", str(_quant(h)["alphabet"])),
+    "extra_field": lambda h: _fp16(h).__setitem__("alphabet", 5),
+    "duplicate_tensor": lambda h: h["tensors"].append(dict(h["tensors"][-1])),
+}
+
+
+def test_silent_forgeries_loaded_wrong_weights_unchecked(artifact, ref_bits, monkeypatch):
+    """The forgeries below are not vacuous: without the table checks (the header trusted as it is, the
+    stream only capped in its total) each one loads different weights without an error."""
+    real = rc.decode_many
+    monkeypatch.setattr(ha, "check_table", _unchecked_table)
+    monkeypatch.setattr(tg, "check_artifact_model", lambda *a: None)
+    monkeypatch.setattr(rc, "decode_many", lambda data, max_symbols, **k: real(data, max_symbols))
+    for name, edit in SILENT_FORGERIES.items():
+        with pytest.raises(AssertionError, match="different"):
+            _refused_or_identical(_forge(artifact["payload"], edit), ref_bits)
+
+
+def _unchecked_table(header, blob_len):
+    """What the loader used to trust: the header's fields as they are."""
+    table = [(t["name"], t["shape"], t.get("alphabet"), t.get("scale_offset", t.get("offset"))) for t in header["tensors"]]
+    return table, [(t[2], math.prod(t[1])) for t in table if t[2] is not None], 0, 0
+
+
+@pytest.mark.parametrize("name", sorted(SILENT_FORGERIES) + sorted(SLOPPY_FORGERIES))
+def test_forged_table_is_refused(artifact, tmp_path, name):
+    edit = {**SILENT_FORGERIES, **SLOPPY_FORGERIES}[name]
+    msg = _refused(_forge(artifact["payload"], edit), tmp_path)
+    assert "malformed artifact" in msg
+
+
+def _mutation(draw, h):
+    """One random edit of a valid header; returns a label for the failure report."""
+    tensors = h["tensors"]
+    i, j = draw(st.integers(0, len(tensors) - 1)), draw(st.integers(0, len(tensors) - 1))
+    t, u = tensors[i], tensors[j]
+    delta = draw(st.sampled_from([-4096, -130, -64, -2, -1, 1, 2, 64, 130, 4096]) | st.integers(-10**6, 10**6))
+    junk = draw(st.sampled_from([0, 1, 2, 4, 5, 16, 32, 64, 255, 256, 257, 2**32, -1, 2.0, True, None, "5", [], [1]])
+                | st.integers(-2**40, 2**40))
+    kind = draw(st.sampled_from(["shift", "set", "copy", "swap", "shape", "rans", "drop_key", "entries"]))
+    if kind == "shift":  # move an offset / change a length or alphabet
+        key = draw(st.sampled_from(sorted(k for k in t if k not in ("name", "shape"))))
+        t[key] += delta
+    elif kind == "set":
+        key = draw(st.sampled_from(sorted(t) + ["alphabet", "offset"]))
+        t[key] = junk
+    elif kind == "copy":  # e.g. two tensors on one offset, a duplicated name or alphabet
+        key = draw(st.sampled_from(sorted(set(t) & set(u))))
+        t[key] = copy.deepcopy(u[key])
+    elif kind == "swap":
+        key = draw(st.sampled_from(sorted(set(t) & set(u))))
+        t[key], u[key] = u[key], t[key]
+    elif kind == "shape":
+        s = t["shape"]
+        how = draw(st.sampled_from(["reverse", "grow", "append", "prepend", "drop"]))
+        if how == "reverse":
+            s.reverse()
+        elif how == "grow" and s:
+            k = draw(st.integers(0, len(s) - 1))
+            s[k] = s[k] + delta
+        elif how == "append":
+            s.append(draw(st.sampled_from([1, 2, 1 << 30])))
+        elif how == "prepend":
+            s.insert(0, draw(st.sampled_from([1, 2, 1 << 30])))
+        elif s:
+            s.pop(draw(st.integers(0, len(s) - 1)))
+    elif kind == "rans":
+        key = draw(st.sampled_from(["rans_offset", "rans_bytes"]))
+        h[key] = h[key] + delta if draw(st.booleans()) else junk
+    elif kind == "drop_key":
+        key = draw(st.sampled_from(sorted(t)))
+        del t[key]
+    else:
+        how = draw(st.sampled_from(["swap", "drop", "duplicate"]))
+        if how == "swap":
+            tensors[i], tensors[j] = tensors[j], tensors[i]
+        elif how == "drop":
+            tensors.pop(i)
+        else:
+            tensors.insert(j, copy.deepcopy(t))
+    return f"{kind} on tensor {i} ({t.get('name')!r}), {j}; delta {delta}, junk {junk!r}"
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_mutated_header_is_refused_or_loads_identical_weights(artifact, ref_bits, data):
+    payload = artifact["payload"]
+    hl = int.from_bytes(payload[8:12], "little")
+    header = json.loads(payload[12:12 + hl])
+    label = _mutation(data.draw, header)
+    forged = _forge(payload, lambda h: (h.clear(), h.update(header)))
+    data.draw(st.just(label), label="mutation")
+    _refused_or_identical(forged, ref_bits)
+
+
+def _constant_stream(alphabet: int, count: int) -> bytes:
+    """A valid rANS stream of `count` copies of symbol 0: a table and one idle lane, a few dozen bytes
+    whatever the count (the format's constant arrays are not coded)."""
+    def varint(v):
+        out = bytearray()
+        while v >= 0x80:
+            out.append(v & 0x7F | 0x80)
+            v >>= 7
+        return bytes(out + bytes([v]))
+    bitmap = bytearray((alphabet + 7) // 8)
+    bitmap[0] = 1
+    body = (b"rANS\x01" + varint(1) + bytes([alphabet - 1]) + varint(count) + bytes(bitmap)
+            + (rc.M - 1).to_bytes(2, "little") + varint(1) + varint(0) + rc.L.to_bytes(8, "little"))
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def test_constant_stream_helper_is_a_valid_stream():
+    (out,) = rc.decode_many(_constant_stream(5, 1000))
+    assert out.shape == (1000,) and not out.any()
+
+
+def test_tiny_file_claiming_a_billion_symbols_is_refused_before_decoding(trained, monkeypatch):
+    """A ~600-byte artifact whose header declares one quantized [1, 2**30] tensor and whose rANS stream
+    agrees: it used to decode 2**30 symbols (then 4 GB of float32) before the shapes were compared.
+    Now the table is refused before any decode is attempted, in well under a second."""
+    import rans_codec
+    n = 1 << 30
+    stream = _constant_stream(5, n)
+    header = {"format": 1, "config": {k: getattr(trained["cfg"], k) for k in tg.MODEL_FIELDS},
+              "tensors": [{"name": "w", "shape": [1, n], "alphabet": 5, "scale_offset": 0, "scale_bytes": 2}],
+              "rans_offset": 2, "rans_bytes": len(stream)}
+    hj = json.dumps(header).encode()
+    body = ha.MAGIC + len(hj).to_bytes(4, "little") + hj + b"\x00\x3c" + stream
+    data = body + hashlib.sha256(body).digest()
+    assert len(data) < 700
+
+    def no_decode(*a, **k):
+        raise AssertionError(f"decode attempted (max_symbols {a[1] if len(a) > 1 else k.get('max_symbols')})")
+    monkeypatch.setattr(rans_codec, "decode_many", no_decode)
+    t = time.perf_counter()
+    with pytest.raises(tg.InputError, match="malformed artifact"):
+        tg.parse_artifact(data, "tiny.hqa")
+    assert time.perf_counter() - t < 1.0
+
+
+def test_stream_claiming_more_symbols_than_the_header_is_refused_before_allocating(artifact, monkeypatch):
+    """A valid header whose rANS stream is swapped for a tiny one claiming 2**32 symbols (checksum
+    recomputed): the stream's table is compared with the header's before anything is allocated."""
+    payload = artifact["payload"]
+    hl = int.from_bytes(payload[8:12], "little")
+    header = json.loads(payload[12:12 + hl])
+    a = header["tensors"][[i for i, t in enumerate(header["tensors"]) if "alphabet" in t][0]]["alphabet"]
+    stream = _constant_stream(a, (1 << 32) - 1)
+    header["rans_bytes"] = len(stream)
+    hj = json.dumps(header).encode()
+    body = ha.MAGIC + len(hj).to_bytes(4, "little") + hj + payload[12 + hl:12 + hl + header["rans_offset"]] + stream
+    allocs = []
+    real_empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda n, *a, **k: allocs.append(n) or real_empty(n, *a, **k))
+    t = time.perf_counter()
+    with pytest.raises(tg.InputError, match="malformed artifact"):
+        tg.parse_artifact(body + hashlib.sha256(body).digest(), "x.hqa")
+    assert time.perf_counter() - t < 2.0
+    assert not [n for n in allocs if isinstance(n, int) and n > 1 << 24], allocs
+
+
+def test_forged_huge_rope_is_refused_before_building_the_model(artifact, tmp_path, monkeypatch):
+    """MODEL_DIM = ROPE_DIMS = 2**20 in a forged config: the model's rope tables (built on the CPU even
+    under the meta device) would take 12 GB; the table's dimensions refuse the config first."""
+    real = tg.rope_tables
+    monkeypatch.setattr(tg, "rope_tables", lambda n, dims, dev: real(n, dims, dev) if dims <= 4096
+                        else pytest.fail(f"rope tables of {n} x {dims} built"))
+    big = {"model_dim": 1 << 20, "rope_dims": 1 << 20, "num_heads": 1, "num_kv_heads": 1}
+    _refused(_forge(artifact["payload"], lambda h: h["config"].update(big)), tmp_path)

@@ -5,9 +5,12 @@ normalized distribution over the vocabulary), C4 (every target scored exactly on
 Legality is tested by perturbation: change the token at position t and compare the per-target NLL arrays
 written by save_nll. Target j predicts token j+1 from tokens <= j, so targets j < t-1 must not move."""
 import copy
+import inspect
 import json
 import math
+import textwrap
 import time
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -348,6 +351,286 @@ def test_legal_modes_score_a_normalized_distribution(small_vocab, mode):
 def test_reference_slot_is_not_a_distribution(small_vocab):
     p = c2_probs(small_vocab, "slot_reference")
     assert p.sum() > 1.0 + 1e-3, p.sum()  # each candidate label pulls probability towards itself
+
+
+# ---------------------------------------------------------------------------------------------------
+# legality at the boundaries: one-token leaks where a TTT chunk or a window's scored slice begins
+#
+# The probes above sit mid-chunk and mid-window. A TTT that also trains on the next chunk's first target,
+# or a causal SLOT whose fit includes the first scored position, moves no earlier target (the perturbation
+# tests pass) and leaves mid-chunk/mid-window scores normalized (the C2 probes above pass). Two checks see
+# them: C2 probes exactly at those first targets, and an oracle of which targets each TTT update trains on.
+# Each check is also run against a planted leak (the tests named test_planted_*) to show that it fails.
+# The same leaks by hand, on a scratch copy of the repository (train_gpt.py in place is never touched):
+#   cp -r . /tmp/leak && cd /tmp/leak
+#   (a) sed -i 's/^        a, b = sc.target_range(int(ks\[0\]), int(ks\[-1\]) + 1)$/&; b += 1/' train_gpt.py
+#   (b) sed -i 's/self.model, h, y, ~scored, self.cfg/self.model, h, y, ~scored | torch.roll(~scored, 1, 1), self.cfg/' train_gpt.py
+#   python -m pytest -q tests/test_eval.py
+# (a) fails test_edge_targets_score_a_normalized_distribution[ttt, ttt_muon] (sum of p at target 128: 1.031,
+#     1.116) and test_ttt_oracle_trains_only_on_scored_targets[*] (update 0 trains on target 108, unscored);
+# (b) fails test_edge_targets_score_a_normalized_distribution[slot_causal] (1.185) and, as a mismatch rather than
+#     a legality failure, test_slot_matches_an_autograd_reference[slot_causal]. All other tests pass on both.
+# ---------------------------------------------------------------------------------------------------
+
+EDGE_CHUNK_FIRST = 128  # target: first of TTT chunk 2 (of 4) in the small_vocab setup, and window 13's first
+
+
+def edge_modes():
+    """Every record-legal mode (LEGAL), each as (runner name, config changes, stride of its windows)."""
+    return {"raw": ("raw", {}, "L"), "roundtrip": ("roundtrip", {}, "L"), "sliding": ("sliding", {}, "stride"),
+            "ttt": ("ttt", {"ttt_optimizer": "sgd"}, "stride"),
+            "ttt_muon": ("ttt", {"ttt_optimizer": "muon"}, "stride"),
+            "slot_causal": ("slot_causal", {}, "stride")}
+
+
+def test_edge_probes_cover_every_legal_mode():
+    """A mode added to LEGAL must get its boundary probe: extend edge_modes() and run_edge()."""
+    legal = {m for m, ok in tg.LEGAL.items() if ok}
+    assert legal <= {name for name, _, _ in edge_modes().values()}, legal
+
+
+def run_edge(mode, model, cfg, tokens):
+    """Per-target NLL of one full eval of `tokens` in `mode` (a key of edge_modes())."""
+    name, changes, stride = edge_modes()[mode]
+    cfg = copy.deepcopy(cfg)
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    val = tg.ValData(cfg, tokens=np.asarray(tokens, dtype=np.uint16))
+    m, d, path = copy.deepcopy(model), dist1(), str(cfg.run_dir) + f"/edge_{mode}.npy"
+    if name == "ttt":
+        tg.eval_ttt(m, val, cfg, d, quiet_log(), deadline=time.perf_counter() + 600, save_nll=path)
+    else:
+        tg.evaluate(m, val, cfg, d, cfg.eval_seq_len if stride == "L" else cfg.eval_stride, name=name,
+                    slot="causal" if name == "slot_causal" else "off", log=quiet_log(), save_nll=path)
+    nll = np.load(path)
+    assert len(nll) == val.n  # C4
+    return nll
+
+
+def edge_targets(mode, cfg):
+    """{where: target}: TTT chunk 2's first target, and the first scored target of the next window after it."""
+    _, _, stride = edge_modes()[mode]
+    ends = tg.window_ends(256, cfg.eval_seq_len, cfg.eval_seq_len if stride == "L" else cfg.eval_stride)
+    starts = np.concatenate(([0], ends[:-1]))
+    assert EDGE_CHUNK_FIRST in starts and EDGE_CHUNK_FIRST == 2 * cfg.ttt_chunk_tokens
+    return {"chunk_first": EDGE_CHUNK_FIRST, "window_first": int(starts[starts > EDGE_CHUNK_FIRST][0])}
+
+
+def c2_sum_at(s, mode, target, cfg=None):
+    """sum over v of p(target = v): token target+1 set to every id in turn, each a full eval of the mode."""
+    cfg = cfg or s.cfg
+    total = 0.0
+    for v in range(V):
+        toks = s.tokens.copy()
+        toks[target + 1] = v
+        total += math.exp(-run_edge(mode, s.model, cfg, toks)[target])
+    return total
+
+
+def check_c2_edges(s, mode, cfg=None):
+    for where, t in edge_targets(mode, cfg or s.cfg).items():
+        p = c2_sum_at(s, mode, t, cfg)
+        assert abs(p - 1.0) < 1e-4, (mode, where, t, p)
+
+
+@pytest.mark.parametrize("mode", list(edge_modes()))
+def test_edge_targets_score_a_normalized_distribution(small_vocab, mode):
+    check_c2_edges(small_vocab, mode)
+
+
+def ttt_with_lookahead():
+    """Planted leak (a): eval_ttt whose training range runs one target into the next chunk (the reference's
+    look-ahead) -- a copy of the real function with that one line changed."""
+    src = textwrap.dedent(inspect.getsource(tg.eval_ttt))
+    line = "a, b = sc.target_range(int(ks[0]), int(ks[-1]) + 1)"
+    assert src.count(line) == 1, "eval_ttt changed: re-plant the look-ahead leak on its training range"
+    ns = {}
+    exec(compile(src.replace(line, line + "; b += 1"), tg.__file__, "exec"), vars(tg).copy(), ns)
+    f = ns["eval_ttt"]
+    return types.FunctionType(f.__code__, vars(tg), f.__name__, f.__defaults__)  # tg's globals: patches apply
+
+
+def slot_fit_with_first_scored(real):
+    """Planted leak (b): causal SLOT whose fit mask also holds each window's first scored position."""
+    def fit_slot_delta(step_fn, model, h, y, fit, cfg, shared):
+        if not shared:
+            fit = fit.clone()
+            n_ctx = fit.sum(1)  # the context is the prefix of the window; the first scored position follows it
+            rows = torch.nonzero(n_ctx < fit.size(1)).flatten()
+            fit[rows, n_ctx[rows]] = True
+        return real(step_fn, model, h, y, fit, cfg, shared)
+    return fit_slot_delta
+
+
+@pytest.mark.parametrize("mode", ["ttt", "ttt_muon"])
+def test_planted_ttt_lookahead_fails_the_edge_probe(small_vocab, monkeypatch, mode):
+    monkeypatch.setattr(tg, "eval_ttt", ttt_with_lookahead())
+    p = c2_sum_at(small_vocab, mode, EDGE_CHUNK_FIRST)
+    assert abs(p - 1.0) > 1e-3, p  # test_edge_targets_score_a_normalized_distribution asserts < 1e-4 here
+
+
+def test_planted_slot_first_position_fit_fails_the_edge_probe(small_vocab, monkeypatch):
+    monkeypatch.setattr(tg, "fit_slot_delta", slot_fit_with_first_scored(tg.fit_slot_delta))
+    t = edge_targets("slot_causal", small_vocab.cfg)["window_first"]
+    p = c2_sum_at(small_vocab, "slot_causal", t)
+    assert abs(p - 1.0) > 1e-3, p  # test_edge_targets_score_a_normalized_distribution asserts < 1e-4 here
+
+
+# ---- the oracle: which targets each TTT update trains on, against what was already scored ----------
+
+ORACLE_L, ORACLE_STRIDE, ORACLE_CHUNK = 48, 20, 100  # chunks end mid-sequence: training reaches back
+
+
+class FakeRank(tg.Dist):
+    """Rank r of a `world`-rank run, alone: collectives are identities. Weights differ from a real multi-rank
+    run; which targets are scored and trained when does not depend on them."""
+
+    def all_reduce(self, t, op=None):
+        return t
+
+
+def locate(tokens, x, y):
+    """Target positions of one training row: x = tokens[o:o+L], y = tokens[o+1:o+L+1] -> o..o+L-1 (unique)."""
+    win = np.lib.stride_tricks.sliding_window_view(tokens.astype(np.int64), len(x) + 1)
+    hit = np.flatnonzero((win[:, :-1] == x).all(1) & (win[:, 1:] == y).all(1))
+    assert len(hit) == 1, f"training row found {len(hit)} times in the stream"
+    return np.arange(hit[0], hit[0] + len(x))
+
+
+def record_ttt(monkeypatch, eval_ttt, model, cfg, tokens, rank=0, world=1):
+    """Run eval_ttt with its scoring, training forwards and updates recorded, in order:
+    ("score", first, end) per Scorer.score call; ("train", target positions) per training forward; ("update",)."""
+    events, val = [], tg.ValData(cfg, tokens=tokens)
+    real_score, real_nll, real_update = tg.Scorer.score, tg.nll_per_token, tg.ttt_update
+
+    def score(self, k_lo, k_hi, progress=None):
+        out = real_score(self, k_lo, k_hi, progress)
+        ends = tg.window_ends(val.n, cfg.eval_seq_len, cfg.eval_stride)
+        assert np.array_equal(self.ends, ends)
+        a, b = (int(ends[k_lo - 1]) if k_lo else 0), int(ends[k_hi - 1])
+        assert len(out) == b - a
+        events.append(("score", a, b))
+        return out
+
+    def nll_per_token(model_, ids, targets, delta=None):
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            pos = [locate(tokens, x, y) for x, y in zip(ids.cpu().numpy(), targets.cpu().numpy())]
+            events.append(("train", np.concatenate(pos)))
+        return real_nll(model_, ids, targets, delta)
+
+    def ttt_update(*args, **kw):
+        events.append(("update",))
+        return real_update(*args, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tg.Scorer, "score", score)
+        mp.setattr(tg, "nll_per_token", nll_per_token)
+        mp.setattr(tg, "ttt_update", ttt_update)
+        mp.setattr(tg, "reduce_score", lambda *a, **k: {})  # world > 1 would gather over a process group
+        eval_ttt(copy.deepcopy(model), val, cfg, FakeRank(rank, world, dist1().device), quiet_log(),
+                 deadline=time.perf_counter() + 600)
+    return events
+
+
+def expected_chunks(n, cfg):
+    """Target ranges of the TTT chunks, from the chunk size and the window ends alone: a window belongs to the
+    chunk of its first scored target, so chunk c runs from the first window start >= c*C to the next one."""
+    ends = tg.window_ends(n, cfg.eval_seq_len, cfg.eval_stride)
+    starts = np.concatenate(([0], ends[:-1]))
+    firsts = sorted({int(starts[starts >= c * cfg.ttt_chunk_tokens][0])
+                     for c in range(n // cfg.ttt_chunk_tokens + 1) if (starts >= c * cfg.ttt_chunk_tokens).any()})
+    return list(zip(firsts, firsts[1:] + [n]))
+
+
+def check_ttt_oracle(runs, n, cfg):
+    """`runs`: the event lists of every rank. C3 first: no rank's update trains on a target that no rank had
+    scored before it (ranks meet at every update: its gradient is all-reduced). Then the structure: the
+    chunks are scored in order, each once across the ranks, and every update after chunk c's scoring trains
+    on whole sequences of L targets tiled back from the chunk's end until they cover it (not before the
+    stream's start), nothing later. Returns, per update, the chunk it trained on (None: no training)."""
+    L, chunks = cfg.eval_seq_len, expected_chunks(n, cfg)
+    per_rank = []
+    for events in runs:  # each rank's events, split at its updates
+        phases = [{"scored": [], "trained": []}]
+        for e in events:
+            if e[0] == "update":
+                phases.append({"scored": [], "trained": []})
+            elif e[0] == "score":
+                phases[-1]["scored"].append(e[1:])
+            else:
+                phases[-1]["trained"].append(e[1])
+        per_rank.append(phases)
+    scored, next_chunk, trained_chunk = np.zeros(n, bool), 0, []
+    for u in range(max(len(p) for p in per_rank)):
+        now = [p[u] if u < len(p) else {"scored": [], "trained": []} for p in per_rank]
+        got = sorted(r for ph in now for r in ph["scored"])
+        for a, b in got:
+            assert not scored[a:b].any(), f"targets in {a}..{b} scored twice"
+            scored[a:b] = True
+        for r, ph in enumerate(now):
+            for pos in ph["trained"]:
+                assert scored[pos].all(), (f"rank {r}, update {u}: TTT trained on targets "
+                                           f"{np.unique(pos[~scored[pos]]).tolist()} before they were scored")
+        if got:  # this phase scores the next chunk, all of it, across the ranks
+            a, b = chunks[next_chunk]
+            assert got[0][0] == a and got[-1][1] == b and all(x[1] == y[0] for x, y in zip(got, got[1:])), \
+                (u, (a, b), got)
+            next_chunk += 1
+        parts = [pos for ph in now for pos in ph["trained"]]
+        if not parts:
+            trained_chunk.append(None)
+            continue
+        c = next_chunk - 1
+        a, b = chunks[c]
+        m = -(-(b - a) // L)
+        while b - m * L < 0:
+            m -= 1
+        trained = np.unique(np.concatenate(parts))
+        assert np.array_equal(trained, np.arange(b - m * L, b)), (u, c, (a, b), trained.min(), trained.max())
+        assert sum(map(len, parts)) == m * L  # each sequence once per update, split over the ranks
+        trained_chunk.append(c)
+    assert next_chunk == len(chunks) and scored.all()  # C4, from the recorded score calls alone
+    return trained_chunk[:-1]  # the phase after the last update has no update
+
+
+@pytest.fixture(scope="module")
+def oracle_setup(trained, tmp_path_factory):
+    run = tmp_path_factory.mktemp("oracle")
+    cfg = smoke_cfg(run, eval_seq_len=ORACLE_L, eval_stride=ORACLE_STRIDE, eval_batch_seqs=4,
+                    ttt_chunk_tokens=ORACLE_CHUNK, ttt_epochs=2, ttt_lr=0.05)
+    tokens = val_tokens(1001)  # real text: every training row of 48 tokens occurs once in the stream
+    chunks = expected_chunks(1000, cfg)
+    assert len(chunks) == 10 and any((b - a) % ORACLE_L for a, b in chunks)
+    return SimpleNamespace(cfg=cfg, tokens=tokens, model=trained["model"], chunks=chunks)
+
+
+@pytest.mark.parametrize("optimizer,world", [("sgd", 1), ("muon", 1), ("sgd", 2), ("sgd", 3)])
+def test_ttt_oracle_trains_only_on_scored_targets(oracle_setup, monkeypatch, optimizer, world):
+    s = oracle_setup
+    cfg = copy.deepcopy(s.cfg)
+    cfg.ttt_optimizer = optimizer
+    runs = [record_ttt(monkeypatch, tg.eval_ttt, s.model, cfg, s.tokens, r, world) for r in range(world)]
+    per_update = check_ttt_oracle(runs, 1000, cfg)
+    assert per_update == [c for c in range(len(s.chunks) - 1) for _ in range(cfg.ttt_epochs)]  # not the last
+    for events in runs:
+        assert events[-1][0] == "score"  # nothing trains after the last chunk's scoring
+
+
+def test_planted_ttt_lookahead_fails_the_oracle(oracle_setup, monkeypatch):
+    s = oracle_setup
+    runs = [record_ttt(monkeypatch, ttt_with_lookahead(), s.model, s.cfg, s.tokens)]
+    with pytest.raises(AssertionError, match=rf"update 0: TTT trained on targets \[{s.chunks[1][0]}\b.* before"):
+        check_ttt_oracle(runs, 1000, s.cfg)  # chunk 1's first target, at chunk 0's first update
+
+
+def test_oracle_sees_training_before_scoring(oracle_setup, monkeypatch):
+    """The other order (the chunk trained on, then scored) fails the oracle too, for the whole chunk."""
+    s = oracle_setup
+    ev = record_ttt(monkeypatch, tg.eval_ttt, s.model, s.cfg, s.tokens)
+    i = next(k for k, e in enumerate(ev) if e[0] == "update")
+    assert ev[0] == ("score", *s.chunks[0])
+    with pytest.raises(AssertionError, match="before they were scored"):
+        check_ttt_oracle([ev[1:i + 1] + ev[:1] + ev[i + 1:]], 1000, s.cfg)  # chunk 0's score after its update
 
 
 # ---------------------------------------------------------------------------------------------------

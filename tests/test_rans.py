@@ -394,3 +394,63 @@ def test_decode_many_honours_max_symbols():
     assert sum(len(a) for a in decode_many(data, max_symbols=150)) == 150
     with pytest.raises(RansError, match="too many symbols"):
         decode_many(data, max_symbols=149)
+
+
+def _constant_stream(alphabet, count):
+    """A valid stream of `count` zeros in a few dozen bytes (constant arrays are not coded)."""
+    v, cnt = bytearray(), count
+    while cnt >= 0x80:
+        v.append(cnt & 0x7F | 0x80)
+        cnt >>= 7
+    v.append(cnt)
+    bitmap = bytearray((alphabet + 7) // 8)
+    bitmap[0] = 1
+    body = (b"rANS\x01\x01" + bytes([alphabet - 1]) + bytes(v) + bytes(bitmap) + (rc.M - 1).to_bytes(2, "little")
+            + b"\x01\x00" + rc.L.to_bytes(8, "little"))
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def test_decode_many_expect_exact_arrays():
+    arrays = [(np.arange(100) % 5, 5), (np.zeros(50, np.uint8), 3), (np.arange(7) % 2, 256)]
+    data = encode_many(arrays)
+    out = decode_many(data, expect=[(5, 100), (3, 50), (256, 7)])
+    assert all(np.array_equal(y, np.asarray(x).astype(np.uint8)) for y, (x, _) in zip(out, arrays))
+    for bad in ([(5, 100), (3, 50)], [(5, 100), (3, 50), (256, 7), (2, 1)], [(5, 100), (4, 50), (256, 7)],
+                [(5, 99), (3, 51), (256, 7)], [(6, 100), (3, 50), (256, 7)]):
+        with pytest.raises(RansError):
+            decode_many(data, expect=bad)
+    for bad in (5, [(1,)], [("x", 2)], [(None, 3)]):
+        with pytest.raises(RansError, match="expect"):
+            decode_many(data, expect=bad)
+
+
+def test_claimed_billions_of_symbols_refused_before_allocating(monkeypatch):
+    """A 30-byte stream claiming 2**32 - 1 symbols: refused on its header by expect and max_symbols,
+    without a large allocation (decode() of it unbounded would fill 4 GB)."""
+    n = (1 << 32) - 1
+    data = _constant_stream(5, n)
+    assert len(data) < 40
+    assert np.array_equal(decode_many(_constant_stream(5, 1000))[0], np.zeros(1000, np.uint8))
+    allocs = []
+    real_empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda s, *a, **k: allocs.append(s) or real_empty(s, *a, **k))
+    t = time.perf_counter()
+    with pytest.raises(RansError, match="expected alphabet 5 with 1000"):
+        decode_many(data, expect=[(5, 1000)])
+    with pytest.raises(RansError, match="too many symbols"):
+        decode_many(data, max_symbols=1000)
+    assert time.perf_counter() - t < 1.0 and not allocs
+
+
+def test_decode_many_max_steps():
+    """max_steps caps the decode loop (coded symbols per lane): a stream with few lanes for many
+    symbols (cheap to forge: near-constant data costs almost no words) is refused on its header;
+    encode's automatic lanes always fit MAX_STEPS."""
+    x = (np.arange(40_000) % 97 == 0).astype(np.uint8)  # low entropy: auto lanes from the step cap
+    data = encode_many([(x, 2)])
+    assert np.array_equal(decode_many(data, max_steps=rc.MAX_STEPS)[0], x)
+    with pytest.raises(RansError, match="steps"):  # decode_many(one_lane) alone would take 40k steps
+        decode_many(encode_many([(x, 2)], lanes=1), max_steps=rc.MAX_STEPS)
+    assert np.array_equal(decode_many(encode_many([(x, 2)], lanes=3), max_steps=-(-x.size // 3))[0], x)
+    with pytest.raises(RansError, match="steps"):
+        decode_many(encode_many([(x, 2)], lanes=3), max_steps=-(-x.size // 3) - 1)

@@ -126,7 +126,7 @@ def test_cli_bad_resume_path(tmp_path, capsys):
 
 
 def test_build_config_bad_preset():
-    with pytest.raises(tg.InputError, match="unknown preset 'h200'.*h100, 3090, smoke"):
+    with pytest.raises(tg.InputError, match="unknown preset 'h200'.*h100, v61, 3090, smoke"):
         tg.build_config("h200", env={})
 
 
@@ -166,7 +166,7 @@ def test_build_config_precedence_preset_env_flag():
     assert tg.build_config("smoke", flags={"iterations": "25"}, env={"ITERATIONS": "20"}).iterations == 25
     assert tg.build_config("smoke", flags={"iterations": "1e2", "warmdown_iters": 0}, env={}).iterations == 100
     cfg = tg.build_config("h100", env={})
-    assert cfg.run_dir == "runs/h100_s1337" and cfg == tg.Config(run_dir="runs/h100_s1337")
+    assert cfg.run_dir == "runs/h100_s1337" and cfg == tg.Config(run_dir="runs/h100_s1337", **tg.PRESETS["h100"])
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -268,7 +268,7 @@ def _snapshot_steps(cfg):
     avg, taken = tg.WeightAverage(model, cfg), []
     for step in range(cfg.iterations):
         before = avg.count
-        avg.update(model, step, tg.lr_scale(cfg, step, 0.0))
+        avg.update(model, step, tg.lr_scale(cfg, step, 0.0), step)
         if avg.count > before:
             taken.append(step)
     return taken
@@ -295,7 +295,7 @@ def test_weight_average_apply(tmp_path):
     avg = tg.WeightAverage(model, cfg)
     with torch.no_grad():
         model.tok_emb.weight.add_(1.0)
-    avg.update(model, 0, 1.0)
+    avg.update(model, 0, 1.0, 0)
     assert "final_weights:ema updates:1" == avg.apply(model)
     torch.testing.assert_close(model.tok_emb.weight.detach(), w0 + 0.5)
     live = smoke_cfg(tmp_path, final_weights="live")
@@ -352,6 +352,20 @@ def test_lr_schedule_by_wallclock(tmp_path):
     assert tg.lr_scale(cfg, 1000, 0.0) == 1.0 and tg.lr_scale(cfg, 3, 60.0) == 1.0
     assert tg.lr_scale(cfg, 3, 100 - 100 / 6) == pytest.approx(0.5)
     assert tg.lr_scale(cfg, 3, 100.0) == 0.0
+
+
+def test_warmup_by_clock_lasts_the_clocks_share_of_iterations(tmp_path):
+    """WARMUP_BY_CLOCK: warm-up over WARMUP_STEPS/ITERATIONS of the clock (5/30 of 120 s = 20 s), whatever the
+    step count; the Muon momentum warm-up and the SWA warm-up guard count the same clock step."""
+    cfg = smoke_cfg(tmp_path, max_wallclock_seconds=120, warmup_by_clock=1)  # warm-down: last 40 s
+    assert tg.warmup_step(cfg, 3, 10.0) == pytest.approx(2.5)
+    assert tg.lr_scale(cfg, 3, 10.0) == pytest.approx(3.5 / 5)  # step 3 of a slow run, half-way by the clock
+    assert tg.lr_scale(cfg, 3, 20.0) == 1.0 and tg.lr_scale(cfg, 1000, 50.0) == 1.0
+    assert tg.lr_scale(cfg, 3, 100.0) == pytest.approx(0.5)
+    opt = tg.Optimizers(tg.GPT(cfg), cfg, dist1())
+    assert opt.muon_momentum(tg.warmup_step(cfg, 0, 120.0 * 10 / 30)) == cfg.muon_momentum  # 10 of 30 by the clock
+    by_steps = smoke_cfg(tmp_path, max_wallclock_seconds=120)
+    assert tg.warmup_step(by_steps, 3, 10.0) == 3 and tg.lr_scale(by_steps, 3, 10.0) == pytest.approx(4 / 5)
 
 
 def test_periodic_val_does_not_change_training(tmp_path, small_data):
@@ -547,27 +561,3 @@ def test_muon_step_matches_a_per_matrix_reference():
         torch.testing.assert_close(p.detach(), r, rtol=0, atol=2e-3)
     sd = muon.state_dict()
     assert all(torch.allclose(sd[f"w{i}"], mom[i], atol=1e-6) for i in range(len(shapes)))
-
-
-def test_tune_inductor_pipelines_mix_order_reductions_only_with_room(monkeypatch):
-    """Two pipeline stages of the mix-order reductions need ~100 KiB of shared memory per block: set on a GPU that
-    has it (H100: 227 KiB), left at inductor's defaults on CPU and on a GPU that has not (a 3090: 99 KiB)."""
-    import torch._inductor.config as inductor
-    for key in ("mix_order_reduction_allow_multi_stages", "mix_order_reduction_split_size"):
-        monkeypatch.setattr(inductor.triton, key, getattr(inductor.triton, key))  # restored after the test
-    before = (inductor.triton.mix_order_reduction_allow_multi_stages, inductor.triton.mix_order_reduction_split_size)
-    assert tg.tune_inductor(torch.device("cpu")) == "default"
-
-    class Props:
-        shared_memory_per_block_optin = 99 << 10
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
-    assert tg.tune_inductor(torch.device("cuda", 0)) == "default"
-    assert (inductor.triton.mix_order_reduction_allow_multi_stages, inductor.triton.mix_order_reduction_split_size) == before
-    Props.shared_memory_per_block_optin = 227 << 10
-    assert "pipelined" in tg.tune_inductor(torch.device("cuda", 0))
-    assert inductor.triton.mix_order_reduction_allow_multi_stages is True
-    assert inductor.triton.mix_order_reduction_split_size == 32
-    # requirements.txt allows torch >= 2.5, whose inductor has no such settings: then nothing is set, and no error
-    import types
-    monkeypatch.setattr(torch._inductor, "config", types.SimpleNamespace(triton=types.SimpleNamespace()))
-    assert tg.tune_inductor(torch.device("cuda", 0)).startswith("default")
