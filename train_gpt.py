@@ -127,7 +127,7 @@ class Config:
 
 PRESETS: dict[str, dict] = {
     # the 8xH100 record recipe: the seed's, plus what won its A/B on proxy100 (README, "Score experiments")
-    "h100": dict(eval_seq_len=2048),
+    "h100": dict(eval_seq_len=2048, mlp_up_alphabet=16, mlp_mult=3.5, warmup_by_clock=1),
     "v61": {},  # the seed's recipe exactly (spec §2-§5): Config's defaults
     "3090": dict(  # unlimited-compute recipe of PR #1123 (spec §7.1): 10k iterations, no clock
         train_batch_tokens=524288, train_seq_len=1024, micro_batch_seqs=16, iterations=10000,
@@ -1597,9 +1597,11 @@ def final_eval(model: GPT, cfg: Config, d: Dist, log: Log, save_nll: str | None)
     return {"modes": results, "primary": owner}
 
 
-def write_submission(cfg: Config, d: Dist, ev: dict, art: dict, train_info: dict, log: Log) -> None:
+def write_submission(cfg: Config, d: Dist, ev: dict, art: dict, train_info: dict, log: Log, preset: str) -> None:
     if not d.main:
         return
+    base = dataclasses.asdict(build_config(preset, env={}))  # what environment and flags changed, so the run can be redone
+    overrides = {k: v for k, v in dataclasses.asdict(cfg).items() if v != base[k] and k not in ("run_dir", "data_path", "tokenizer_path")}
     p = ev["modes"][ev["primary"]]
     hw = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
     sub = {
@@ -1611,7 +1613,7 @@ def write_submission(cfg: Config, d: Dist, ev: dict, art: dict, train_info: dict
         **{k: art[k] for k in ("bytes_code_source", "code_sha256") if k in art},  # bytes_code: the packed script's
         "steps": train_info["steps"], "wallclock_seconds": round(train_info["train_time"], 1),
         "hardware": f"{d.world}x {hw}", "date": time.strftime("%Y-%m-%d"), "seed": cfg.seed,
-        "data_path": cfg.data_path, "command": " ".join(sys.argv),
+        "data_path": cfg.data_path, "command": " ".join(sys.argv), "preset": preset, "overrides": overrides,
     }
     if not sub["record_legal"]:
         sub["compliance_note"] = "an eval mode that fails C3 (reference SLOT) ran; its number is not a record score"
@@ -1673,7 +1675,7 @@ def main(argv: list[str] | None = None) -> None:
         ev = final_eval(qmodel, cfg, d, log, args.save_nll)
         if d.main:
             art["bytes_total"] = art["bytes_model"] + art["bytes_code"]
-        write_submission(cfg, d, ev, art, train_info, log)
+        write_submission(cfg, d, ev, art, train_info, log, args.preset)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -789,9 +789,13 @@ def test_submission_score_mode_and_legality(tmp_path, trained_model, slot, ttt, 
     ev = tg.final_eval(trained_model, cfg, d, quiet_log(), None)
     assert ev["primary"] == primary
     art = {"bytes_total": 3, "bytes_code": 1, "bytes_model": 2}
-    tg.write_submission(cfg, d, ev, art, {"steps": 12, "train_time": 1.0}, quiet_log())
+    tg.write_submission(cfg, d, ev, art, {"steps": 12, "train_time": 1.0}, quiet_log(), "smoke")
     sub = json.loads((tmp_path / "run" / "submission.json").read_text())
     assert sub["score_mode"] == primary and sub["record_legal"] is legal
+    # the fields that differ from the smoke preset, by which the run can be redone
+    smoke = tg.PRESETS["smoke"]
+    assert sub["preset"] == "smoke" and sub["overrides"]["ttt_chunk_tokens"] == 256 and "run_dir" not in sub["overrides"]
+    assert all(smoke.get(k, getattr(tg.Config(), k)) != v for k, v in sub["overrides"].items())
     assert sub["val_bpb"] == ev["modes"][primary]["val_bpb"]
     assert ("compliance_note" in sub) is (not legal)
     if slot == "reference":

@@ -21,12 +21,13 @@ def tiny_cfg(tmp_path, **flags):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["h100", "v61"])
-def test_record_models_have_exact_parameter_count(preset):
+@pytest.mark.parametrize("preset,count", [("v61", 32_760_946), ("h100", 29_877_362)])
+def test_record_models_have_exact_parameter_count(preset, count):
+    # v61: the spec's count; h100: MLP 3.5x takes 2 x 11 x 512 x 256 weights off it
     cfg = tg.build_config(preset, env={})
     with torch.device("meta"):
         model = tg.GPT(cfg)
-    assert sum(p.numel() for p in model.parameters()) == 32_760_946
+    assert sum(p.numel() for p in model.parameters()) == count
 
 
 def test_v61_preset_is_the_seeds_recipe():
