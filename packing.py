@@ -2,7 +2,7 @@
 
 The challenge counts the code in a record's train_gpt.py. `python train_gpt.py --pack DIR` (write_records) writes
 records/track_10min_16mb/<name>/-style folder: train_gpt.py, a short stub that holds every counted source
-(train_gpt.CODE_FILES: train_gpt.py, the kernels, the codec, cutlass_mlp.cu) lzma-compressed and base85-encoded;
+(train_gpt.CODE_FILES: train_gpt.py, its modules, cutlass_mlp.cu) lzma-compressed and base85-encoded;
 requirements.txt; README.md and submission.json from the given runs; the runs' logs.
 
 The packed script, run (or imported, or under torchrun), checks the blob against its sha256, refuses a stale pack,

@@ -5,9 +5,11 @@ Train (1 GPU):   python train_gpt.py --preset 3090
 Smoke (CPU):     python train_gpt.py --preset smoke
 Evaluate:        python train_gpt.py --eval-only runs/<run>/model.hqa
 
-Sections, in the order data flows: config, data, model, optimizer, training, quantization and artifact,
-evaluation, main. Every hyperparameter is a field of Config, settable as an environment variable
-(MATRIX_LR) and a flag (--matrix-lr); precedence: preset < environment < flag.
+Sections, in the order data flows: config, data, model, training, quantization and artifact, evaluation, main.
+Modules: hq_dist.py (ranks, logging), fused_kernels.py (the model's kernels), hq_optim.py (the optimizer),
+hq_artifact.py (the artifact's container), hq_adapt.py (TTT's and SLOT's updates). Every hyperparameter is a
+field of Config, settable as an environment variable (MATRIX_LR) and a flag (--matrix-lr); precedence:
+preset < environment < flag.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ import torch.nn.functional as F
 
 import fused_kernels as fast  # the fast path: each of the model's ops below, as a kernel where one applies
 import hq_artifact  # the artifact's container: byte format, checks that need no model, compression
+from hq_adapt import fit_slot_delta, slot_adam_step, ttt_update  # SLOT's offset fit and TTT's weight update
+from hq_dist import Dist, Log, atomic_torch_save, atomic_write, init_dist  # ranks and collectives, logging, writes
+from hq_optim import Optimizers  # Parallel Muon for the matrices + AdamW for the rest
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -218,84 +223,6 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "qk_alphabet", "vo_alphabet", "mlp_up_alphabet", "mlp_down_alphabet")
 MODEL_FIELDS_ADDED = {"residual_dtype": "fp32", "qk_alphabet": 64, "vo_alphabet": 32, "mlp_up_alphabet": 5,
                       "mlp_down_alphabet": 16}  # what artifacts written before a field existed were made with
-
-# ----------------------------------------------------------------------------------------------------
-# Distributed context and logging
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    host_group: object = None  # gloo, for host-side values: agreeing on them must not wait for the GPU streams
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t, op=op)
-        return t
-
-    def agree_max(self, x: float) -> float:
-        """The largest of the ranks' host-side values (the wall clock), without a GPU synchronization."""
-        if self.world == 1:
-            return x
-        t = torch.tensor([x], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return t.item()
-
-
-def init_dist() -> Dist:
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Dist(0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return Dist(rank, world, device, dist.new_group(backend="gloo"))
-
-
-class Log:
-    """Rank 0 prints and appends to <run_dir>/<name>; other ranks stay quiet."""
-
-    def __init__(self, d: Dist, path: str | None):
-        self.d, self.path = d, path
-        if d.main and path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, msg: str) -> None:
-        if not self.d.main:
-            return
-        print(msg, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(msg + "\n")
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write to a temp file then rename, so a crash never leaves a half-written file under `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: str | Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, buf.getvalue())
 
 # ----------------------------------------------------------------------------------------------------
 # Data: shards in the competition format (rules §2.2), read as a cyclic stream
@@ -701,171 +628,6 @@ def nll_per_token(model: GPT, ids: torch.Tensor, targets: torch.Tensor, delta: t
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
 # ----------------------------------------------------------------------------------------------------
-# Optimizer: Parallel Muon for matrices + AdamW for the embedding and scalars (spec §2.3-2.4)
-# ----------------------------------------------------------------------------------------------------
-
-
-def zeropower_ns5(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """Newton-Schulz orthogonalization of a batch [k, rows, cols] of same-shape matrices, in bf16."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
-    for _ in range(steps):  # X <- aX + (bA + cA^2)X with A = XX^T; baddbmm keeps it to three launches
-        A = X @ X.mT
-        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
-    return X.mT if tall else X
-
-
-def param_groups(model: GPT) -> tuple[list, list, list]:
-    """Spec §2.3 rule: tok_emb -> Adam embed; every other >=2-D tensor -> Muon; the rest -> Adam scalar."""
-    embed, matrices, scalars = [], [], []
-    for name, p in model.named_parameters():
-        (embed if "tok_emb" in name else matrices if p.ndim >= 2 else scalars).append((name, p))
-    return embed, matrices, scalars
-
-
-class ParallelMuon:
-    """Each rank owns a balanced share of the matrices. Gradients are reduce-scattered so each owner gets
-    the average of its own matrices only; owners run momentum + Newton-Schulz (batched by shape); the bf16
-    updates are all-gathered. Communication equals one all-reduce; the orthogonalization work is split.
-    A rank's segment of the flat buffers holds its matrices grouped by shape, so momentum is one flat op and
-    each shape group is a zero-copy [k, rows, cols] view (the whole optimizer step: ~380 launches, was ~1,300)."""
-
-    def __init__(self, named: list, d: Dist, ns_steps: int):
-        self.d, self.ns_steps = d, ns_steps
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        load = [0] * d.world
-        owner = [0] * len(self.params)
-        for i in sorted(range(len(self.params)), key=lambda i: -self.params[i].numel()):
-            r = min(range(d.world), key=lambda r: load[r])
-            owner[i], load[r] = r, load[r] + self.params[i].numel()
-        self.seg = max(load)  # every rank's segment of the flat buffers is padded to this length
-        self.offset = [0] * len(self.params)
-        self.groups = []  # this rank's (start, end, [k, rows, cols]) runs of same-shape matrices
-        for r in range(d.world):
-            o = r * self.seg
-            by_shape: dict = {}
-            for i in range(len(self.params)):
-                if owner[i] == r:
-                    by_shape.setdefault(tuple(self.params[i].shape), []).append(i)
-            for shape, idx in by_shape.items():
-                start = o
-                for i in idx:
-                    self.offset[i], o = o, o + self.params[i].numel()
-                if r == d.rank:
-                    self.groups.append((start - r * self.seg, o - r * self.seg, (len(idx), *shape)))
-        self.momentum = torch.zeros(self.seg, device=self.params[0].device)
-
-    def reduce_grads(self) -> torch.Tensor:
-        """Average the matrix gradients over ranks; returns this rank's segment (flat, fp32)."""
-        flat = torch.zeros(self.d.world * self.seg, device=self.params[0].device)
-        have = [(self.view(flat, i), p.grad) for i, p in enumerate(self.params) if p.grad is not None]
-        if have:
-            torch._foreach_copy_(*map(list, zip(*have)))
-        if self.d.world == 1:
-            return flat
-        mine = torch.empty(self.seg, device=flat.device)
-        dist.reduce_scatter_tensor(mine, flat)
-        return mine.div_(self.d.world)
-
-    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        return flat[self.offset[i]:self.offset[i] + self.params[i].numel()].view_as(self.params[i])
-
-    @torch.no_grad()
-    def step(self, grads: torch.Tensor, lr: float, momentum: float, wd: float) -> None:
-        self.momentum.mul_(momentum).add_(grads)
-        u = grads.add(self.momentum, alpha=momentum)  # Nesterov
-        update = torch.zeros(self.seg, dtype=torch.bfloat16, device=grads.device)
-        for start, end, shape in self.groups:
-            rows, cols = shape[1:]
-            out = zeropower_ns5(u[start:end].view(shape), self.ns_steps) * max(1.0, rows / cols) ** 0.5
-            update[start:end] = out.reshape(-1)
-        if self.d.world > 1:
-            full = torch.empty(self.d.world * self.seg, dtype=torch.bfloat16, device=grads.device)
-            dist.all_gather_into_tensor(full, update)
-        else:
-            full = update
-        full = full.float()
-        torch._foreach_mul_(self.params, 1 - lr * wd)  # decoupled weight decay with the scheduled lr
-        torch._foreach_add_(self.params, [self.view(full, i) for i in range(len(self.params))], alpha=-lr)
-
-    def state_dict(self) -> dict:
-        """Momentum of every matrix by name (gathered from the owners), independent of the world size."""
-        flat = torch.zeros(self.d.world * self.seg, device=self.params[0].device)
-        flat[self.d.rank * self.seg:(self.d.rank + 1) * self.seg] = self.momentum
-        self.d.all_reduce(flat)
-        return {n: self.view(flat, i).cpu().clone() for i, n in enumerate(self.names)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for i, n in enumerate(self.names):
-            o = self.offset[i] - self.d.rank * self.seg
-            if 0 <= o < self.seg:  # owned by this rank
-                self.momentum[o:o + self.params[i].numel()].copy_(sd[n].reshape(-1))
-
-
-class Optimizers:
-    """Muon + AdamW with the spec's step order: reduce grads -> clip (global norm) -> Adam -> Muon."""
-
-    def __init__(self, model: GPT, cfg: Config, d: Dist):
-        self.cfg, self.d = cfg, d
-        embed, matrices, scalars = param_groups(model)
-        self.adam_params = [p for _, p in embed + scalars]
-        self.adam_names = [n for n, _ in embed + scalars]
-        self.adam = torch.optim.AdamW(
-            [dict(params=[p for _, p in embed], lr=cfg.tied_embed_lr, base_lr=cfg.tied_embed_lr),
-             dict(params=[p for _, p in scalars], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)],
-            betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.adam_wd, fused=d.device.type == "cuda")
-        self.muon = ParallelMuon(matrices, d, cfg.muon_backend_steps)
-
-    def muon_momentum(self, step: float) -> float:
-        c = self.cfg
-        frac = min(1.0, step / c.muon_momentum_warmup_steps) if c.muon_momentum_warmup_steps else 1.0
-        return c.muon_momentum_warmup_start + frac * (c.muon_momentum - c.muon_momentum_warmup_start)
-
-    @torch.no_grad()
-    def step(self, step: float, scale: float) -> None:
-        c, d = self.cfg, self.d
-        mgrad = self.muon.reduce_grads()
-        agrads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.adam_params]
-        aflat = torch.cat([g.reshape(-1) for g in agrads])
-        if d.world > 1:
-            dist.all_reduce(aflat)
-            aflat.div_(d.world)
-        # fp64 sums: the clip coefficient must not depend on how the ranks shard the gradient (in fp32 its last
-        # bit did, and bf16 Newton-Schulz amplifies one bit into 1e-4 weight differences within 4 steps)
-        sq = d.all_reduce(mgrad.double().square().sum()) + aflat.double().square().sum()
-        if c.grad_clip_norm > 0:
-            coef = (c.grad_clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0).float()
-            mgrad.mul_(coef)
-            aflat.mul_(coef)
-        offsets = np.cumsum([0] + [p.numel() for p in self.adam_params])
-        have = [(p.grad, aflat[o:o + p.numel()].view_as(p)) for p, o in zip(self.adam_params, offsets) if p.grad is not None]
-        if have:  # a parameter without gradient (layer 0's value-residual lambda) stays out of Adam
-            torch._foreach_copy_(*map(list, zip(*have)))
-        for g in self.adam.param_groups:
-            g["lr"] = g["base_lr"] * scale
-        self.adam.step()
-        self.muon.step(mgrad, c.matrix_lr * scale, self.muon_momentum(step), c.muon_wd)
-
-    def zero_grad(self) -> None:
-        # Zeroed in place (one launch) rather than freed: the next backward then accumulates into the same
-        # buffers. A parameter that never gets a gradient keeps None and stays out of Adam.
-        grads = [p.grad for p in self.adam_params + self.muon.params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
-
-    def state_dict(self) -> dict:
-        return {"adam": self.adam.state_dict(), "muon": self.muon.state_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.adam.load_state_dict(sd["adam"])
-        self.muon.load_state_dict(sd["muon"])
-
-# ----------------------------------------------------------------------------------------------------
 # Training (spec §2.5-2.7): warm-up, warm-down by wall clock or iterations, SWA/EMA, checkpoints
 # ----------------------------------------------------------------------------------------------------
 
@@ -1123,7 +885,8 @@ def check_ranks_agree(model: GPT, d: Dist, step: int, log: Log) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 SIZE_CAP = 16_000_000
-CODE_FILES = ("train_gpt.py", "fused_kernels.py", "cutlass_mlp.cu", "rans_codec.py", "hq_artifact.py")  # the code a run uses, packed
+CODE_FILES = ("train_gpt.py", "hq_dist.py", "fused_kernels.py", "cutlass_mlp.cu", "hq_optim.py", "rans_codec.py",
+              "hq_artifact.py", "hq_adapt.py")  # the code a run uses, packed
 GROUP_ROLES = {"c_q": "q/k", "c_k": "q/k", "c_v": "v/o", "proj": "v/o", "up": "mlp-up", "down": "mlp-down",
                "tok_emb": "tok_emb"}  # a stored matrix's group in the size table: its module's role
 
@@ -1312,40 +1075,6 @@ def window_batch(val: ValData, ends: np.ndarray, ks: np.ndarray, d: Dist):
     prev = np.where(ks > 0, ends[np.maximum(ks - 1, 0)], 0)
     first = torch.from_numpy(L - (e - prev)).to(d.device)  # position of the first scored target
     return x, y, first[:, None] <= torch.arange(L, device=d.device)[None, :]
-
-
-def slot_adam_step(h, delta, m, v, emb, y, w, lr, k, softcap: float, wd: float = 1e-8, eps: float = 1e-5):
-    """One AdamW step (betas 0.9/0.999) on the SLOT offset, with the softcapped-CE gradient in closed form:
-    a handful of fused kernels instead of an autograd graph per inner step. Rows of `w` weight the positions
-    (their sums define each delta's loss); delta has one row per window, or one shared row."""
-    t = torch.tanh(F.linear((h + delta).to(emb.dtype), emb).float() / softcap)
-    p = torch.softmax(softcap * t, dim=-1)
-    g = p.scatter_add(-1, y.unsqueeze(-1), -torch.ones_like(p[..., :1])) * w.unsqueeze(-1) * (1 - t * t)
-    grad = (g.to(emb.dtype) @ emb).float().sum(dim=1, keepdim=True)
-    if delta.size(0) == 1:
-        grad = grad.sum(dim=0, keepdim=True)
-    delta = delta * (1 - lr * wd)
-    m = 0.9 * m + 0.1 * grad
-    v = 0.999 * v + 0.001 * grad * grad
-    step = lr * (m / (1 - 0.9 ** k)) / ((v / (1 - 0.999 ** k)).sqrt() + eps)
-    return delta - step, m, v
-
-
-def fit_slot_delta(step_fn, model: GPT, h: torch.Tensor, y: torch.Tensor, fit: torch.Tensor, cfg: Config, shared: bool):
-    """SLOT: a hidden-state offset delta fitted on the positions in `fit`. Causal mode: one delta per window,
-    fitted on its context (targets that earlier windows scored), so no scored label reaches its own
-    prediction. Reference mode (spec §5.3): one delta shared by the batch, fitted on the scored positions
-    themselves -- the scored labels shape their own predictions (fails C1/C3)."""
-    delta = torch.zeros(1 if shared else h.size(0), 1, h.size(-1), device=h.device)
-    m, v = torch.zeros_like(delta), torch.zeros_like(delta)
-    w = fit.float()
-    w = w / w.sum().clamp_min(1) if shared else w / w.sum(1, keepdim=True).clamp_min(1)
-    emb = model.tok_emb.weight.detach().to(torch.bfloat16 if h.is_cuda else torch.float32)
-    for k in range(cfg.slot_steps):
-        lr = cfg.slot_lr_min + 0.5 * (cfg.slot_lr - cfg.slot_lr_min) * (1 + math.cos(math.pi * k / cfg.slot_steps))
-        delta, m, v = step_fn(h, delta, m, v, emb, y, w, torch.tensor(lr, device=h.device),
-                              torch.tensor(k + 1.0, device=h.device), cfg.logit_softcap)
-    return delta
 
 
 class Scorer:
@@ -1541,27 +1270,6 @@ def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline:
         t_train += time.perf_counter() - ts
     log(f"ttt: score_time:{t_score:.1f}s train_time:{t_train:.1f}s")
     return reduce_score(parts, val, d, "ttt", t0, log, save_nll)
-
-
-@torch.no_grad()
-def ttt_update(params: list, sgd, lr: float, cfg: Config, d: Dist) -> None:
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = d.all_reduce(torch.cat([g.reshape(-1) for g in grads]))  # each rank's loss is already /total
-    if cfg.ttt_grad_clip > 0:
-        flat.mul_((cfg.ttt_grad_clip / (flat.norm() + 1e-6)).clamp(max=1.0))
-    o = 0
-    for p in params:
-        g = flat[o:o + p.numel()].view_as(p)
-        o += p.numel()
-        if sgd is not None:
-            p.grad = g.clone()
-        else:  # Muon-style TTT (spec V62): orthogonalized step for matrices, raw gradient otherwise
-            p.add_(zeropower_ns5(g[None], cfg.muon_backend_steps)[0].to(p.dtype) if p.ndim == 2 else g, alpha=-lr)
-            p.grad = None
-    if sgd is not None:
-        sgd.param_groups[0]["lr"] = lr
-        sgd.step()
-        sgd.zero_grad(set_to_none=True)
 
 # ----------------------------------------------------------------------------------------------------
 # Main: train -> checkpoint -> raw val_bpb -> artifact -> evaluation of the artifact -> submission.json

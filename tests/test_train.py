@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import hq_optim
 from conftest import (DATA, LEAKY_ENV, ROOT, TOKENIZER, dist1, parse_steps, quiet_log, smoke_cfg, tg, val_tokens,
                       write_shard)
 
@@ -546,7 +547,7 @@ def test_muon_step_matches_a_per_matrix_reference():
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     ref = [p.detach().clone() for p in params]
     mom = [torch.zeros(s) for s in shapes]
-    muon = tg.ParallelMuon([(f"w{i}", p) for i, p in enumerate(params)], dist1(), ns_steps=5)
+    muon = hq_optim.ParallelMuon([(f"w{i}", p) for i, p in enumerate(params)], dist1(), ns_steps=5)
     lr, wd, beta = 0.1, 0.04, 0.9
     for _ in range(2):
         grads = [torch.randn(s) for s in shapes]
@@ -555,7 +556,7 @@ def test_muon_step_matches_a_per_matrix_reference():
         muon.step(muon.reduce_grads(), lr, beta, wd)
         for i, g in enumerate(grads):
             mom[i] = beta * mom[i] + g
-            u = tg.zeropower_ns5((g + beta * mom[i])[None], 5)[0].float() * max(1.0, shapes[i][0] / shapes[i][1]) ** 0.5
+            u = hq_optim.zeropower_ns5((g + beta * mom[i])[None], 5)[0].float() * max(1.0, shapes[i][0] / shapes[i][1]) ** 0.5
             ref[i] = ref[i] * (1 - lr * wd) - lr * u.bfloat16().float()
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.detach(), r, rtol=0, atol=2e-3)
