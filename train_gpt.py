@@ -1276,9 +1276,18 @@ def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline:
 # ----------------------------------------------------------------------------------------------------
 
 
+def eval_plan(cfg: Config, n: int, roundtrip_s: float) -> dict:
+    """Each later phase's seconds, from the round trip's (one forward of every target): sliding forwards every
+    window's full context; TTT adds about three forwards' worth (forward + backward) per epoch over the
+    stream; SLOT's inner steps roughly double sliding's time (docs/performance.md)."""
+    sliding = len(window_ends(n, cfg.eval_seq_len, cfg.eval_stride)) * min(cfg.eval_seq_len, n) / n * roundtrip_s
+    return {"sliding": sliding, "ttt": sliding + 3 * cfg.ttt_epochs * roundtrip_s, f"slot_{cfg.slot}": 2 * sliding}
+
+
 def final_eval(model: GPT, cfg: Config, d: Dist, log: Log, save_nll: str | None) -> dict:
     """Every enabled mode, each a full pass scoring every target once, under the eval budget clock. The
-    score is TTT's if on, else causal SLOT's if on, else sliding's: fixed by the config, not by the results."""
+    score is TTT's if on, else causal SLOT's if on, else sliding's: fixed by the config, not by the results.
+    The score's mode runs right after the round trip; another mode runs only if its estimate fits what is left."""
     t0 = time.perf_counter()
     val = ValData(cfg)
     log(f"eval_phase:load_val {time.perf_counter() - t0:.1f}s targets:{val.n}")
@@ -1293,15 +1302,29 @@ def final_eval(model: GPT, cfg: Config, d: Dist, log: Log, save_nll: str | None)
     slot_name = f"slot_{cfg.slot}"
     owner = "ttt" if cfg.ttt else slot_name if cfg.slot == "causal" else "sliding"  # who writes --save-nll
     results = {"roundtrip": evaluate(model, val, cfg, d, cfg.eval_seq_len, "roundtrip", log=log)}
-    results["sliding"] = evaluate(model, val, cfg, d, cfg.eval_stride, "sliding", log=log,
-                                  save_nll=save_nll if owner == "sliding" else None)
-    if cfg.ttt:
-        results["ttt"] = eval_ttt(model, val, cfg, d, log, deadline, save_nll)
-    if cfg.slot != "off":
-        results[slot_name] = evaluate(model, val, cfg, d, cfg.eval_stride, slot_name, slot=cfg.slot, log=log,
-                                      save_nll=save_nll if owner == slot_name else None, deadline=deadline)
+    rt = d.agree_max(results["roundtrip"]["seconds"])
+    est = eval_plan(cfg, val.n, rt)
+    order = [owner] + [m for m in ("sliding", "ttt", slot_name) if m != owner and
+                       (m == "sliding" or (m == "ttt" and cfg.ttt) or (m == slot_name and cfg.slot != "off"))]
+    log(f"eval_plan: budget:{cfg.eval_budget_s:.0f}s roundtrip:{rt:.1f}s then " +
+        " ".join(f"{m}:~{est[m]:.1f}s" for m in order) + f" (the score: {owner}, always run)")
+    skipped = []
+    for m in order:
+        left = deadline - time.perf_counter()
+        # ranks' clocks differ slightly: any rank short of time skips the phase for all
+        if m != owner and d.agree_max(float(est[m] > left)) > 0:
+            skipped.append(f"{m}(~{est[m]:.1f}s>{max(left, 0):.1f}s left)")
+            continue
+        nll = save_nll if m == owner else None
+        if m == "ttt":
+            results[m] = eval_ttt(model, val, cfg, d, log, deadline, nll)
+        else:
+            results[m] = evaluate(model, val, cfg, d, cfg.eval_stride, m, slot=cfg.slot if m == slot_name else "off",
+                                  log=log, save_nll=nll, deadline=deadline)
+    total = time.perf_counter() - start
     phases = " ".join(f"{k}:{v['seconds']:.1f}s" for k, v in results.items())
-    log(f"eval_phases: {phases} total:{time.perf_counter() - start:.1f}s budget:{cfg.eval_budget_s:.0f}s")
+    log(f"eval_phases: {phases} total:{total:.1f}s budget:{cfg.eval_budget_s:.0f}s "
+        f"{'within' if total <= cfg.eval_budget_s else 'OVER'} skipped:{','.join(skipped) or 'none'}")
     return {"modes": results, "primary": owner}
 
 

@@ -800,3 +800,27 @@ def test_submission_score_mode_and_legality(tmp_path, trained_model, slot, ttt, 
     assert ("compliance_note" in sub) is (not legal)
     if slot == "reference":
         assert sub["eval_modes"]["slot_reference"]["record_legal"] is False
+
+
+def test_eval_budget_runs_the_score_first_and_skips_what_cannot_fit(tmp_path, trained_model):
+    """The round trip times one forward of every target; the score's mode runs next whatever the budget (C4
+    needs every target; TTT stops adapting at the deadline); another mode runs only if its estimate fits."""
+    data = _val_dir(tmp_path / "data", val_tokens(1025))
+    kw = dict(data_path=str(data), eval_seq_len=64, eval_stride=32, slot="causal", slot_steps=2, ttt=1,
+              ttt_chunk_tokens=256)
+    est = tg.eval_plan(smoke_cfg(tmp_path / "p", **kw), 1024, 1.0)  # 31 windows of 64 over 1024 targets
+    assert est["sliding"] == pytest.approx(31 * 64 / 1024) and est["ttt"] == pytest.approx(est["sliding"] + 3)
+    runs = {}
+    for name, budget in (("tight", 1e-9), ("ample", 600.0)):
+        cfg = smoke_cfg(tmp_path / name, eval_budget_s=budget, **kw)
+        ev = tg.final_eval(trained_model, cfg, dist1(), quiet_log(tmp_path / f"{name}.log"), None)
+        runs[name] = (ev, (tmp_path / f"{name}.log").read_text())
+    ev, text = runs["tight"]
+    assert list(ev["modes"]) == ["roundtrip", "ttt"] and ev["primary"] == "ttt"
+    assert ev["modes"]["ttt"]["targets"] == 1024
+    assert "eval_plan: budget:0s" in text and "ttt:~" in text and "(the score: ttt, always run)" in text
+    assert "ttt: eval budget reached at chunk 1/4" in text
+    assert "OVER skipped:sliding(" in text and ",slot_causal(" in text
+    ev, text = runs["ample"]
+    assert list(ev["modes"]) == ["roundtrip", "ttt", "sliding", "slot_causal"]
+    assert "within skipped:none" in text and "eval budget reached" not in text
