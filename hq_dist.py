@@ -1,5 +1,6 @@
 """Distributed context and logging for train_gpt.py: the rank, world and device with the collectives the run
-uses (Dist, init_dist), rank-0 logging (Log) and crash-safe file writes. Counted code (train_gpt.CODE_FILES)."""
+uses (Dist, init_dist), rank-0 logging (Log), crash-safe file writes and run folders that hold one run each.
+Counted code (train_gpt.CODE_FILES)."""
 from __future__ import annotations
 
 import io
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+class InputError(Exception):
+    """A problem with what the user gave us (path, flag, shard, artifact): reported without a traceback."""
 
 
 @dataclass
@@ -34,6 +39,19 @@ class Dist:
         t = torch.tensor([x], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return t.item()
+
+    def agree(self, check, main_only: bool = False):
+        """check() on every rank (rank 0 alone if main_only); an input error on any one is raised on all: none hangs."""
+        out, errs = None, [""] * self.world
+        try:
+            out = check() if self.main or not main_only else None
+        except (InputError, OSError) as e:
+            errs[self.rank] = str(e)
+        if self.world > 1:
+            dist.all_gather_object(errs, errs[self.rank], group=self.host_group)
+        if any(errs):
+            raise InputError(next(e for e in errs if e))
+        return out
 
 
 def init_dist() -> Dist:
@@ -83,3 +101,31 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write(path, buf.getvalue())
+
+
+RUN_FILES = ("train.log", "ckpt_step*.pt", "model.pt", "model.hqa", "submission.json", "eval.log", "nll*.npy")
+
+
+def claim_run_dir(run_dir: str, names: tuple, overwrite: bool) -> str:
+    """A run folder holds one run: refuses one that holds files of ours (names: glob patterns) unless overwrite,
+    which removes them; removes atomic_write's temp files (NAME.tmpPID) whose writer has exited. Returns a log line."""
+    old = [p for n in names for p in sorted(Path(run_dir).glob(n)) if p.is_file()]
+    if old and not overwrite:
+        shown = ", ".join(p.name for p in old[:3]) + (", ..." if len(old) > 3 else "")
+        how = "--resume CKPT to continue it or --overwrite" if "train.log" in names else "--overwrite"
+        raise InputError(f"run folder {run_dir} already holds a run ({shown}); use {how} to replace it")
+    orphans = [p for p in Path(run_dir).glob("*.tmp*") if p.is_file() and not pid_alive(p.name.rpartition(".tmp")[2])]
+    for p in old + orphans:
+        p.unlink()
+    removed = f" overwrite_removed:{','.join(p.name for p in old)}" if old else ""
+    return f"run_dir:{run_dir} orphan_temp_files_removed:{len(orphans)}{removed}"
+
+
+def pid_alive(pid: str) -> bool:
+    """Whether the writer of a NAME.tmpPID temp file still runs (a name not of that form: kept, as if it did)."""
+    try:
+        return not pid.isdigit() or int(pid) == 0 or os.kill(int(pid), 0) is None  # signal 0: does it exist?
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # alive under another user; too big to be a pid
+        return True

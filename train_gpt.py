@@ -37,7 +37,8 @@ import torch.nn.functional as F
 import fused_kernels as fast  # the fast path: each of the model's ops below, as a kernel where one applies
 import hq_artifact  # the artifact's container: byte format, checks that need no model, compression
 from hq_adapt import fit_slot_delta, slot_adam_step, ttt_update  # SLOT's offset fit and TTT's weight update
-from hq_dist import Dist, Log, atomic_torch_save, atomic_write, init_dist  # ranks and collectives, logging, writes
+from hq_dist import (RUN_FILES, Dist, InputError, Log, atomic_torch_save, atomic_write,  # ranks, logging, writes,
+                     claim_run_dir, init_dist)  # run folders
 from hq_optim import Optimizers  # Parallel Muon for the matrices + AdamW for the rest
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,10 +151,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class InputError(Exception):
-    """A problem with what the user gave us (path, flag, shard, artifact): reported without a traceback."""
-
-
 def _parse_value(text: str, kind: type):
     if kind is not int:
         return kind(text)
@@ -188,9 +185,15 @@ def check_config(cfg: Config) -> None:
             raise InputError(msg)
     for k in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "bigram_dim", "ve_dim",
               "train_batch_tokens", "train_seq_len", "micro_batch_seqs", "iterations", "muon_backend_steps",
-              "eval_seq_len", "eval_batch_seqs", "ttt_chunk_tokens"):
+              "eval_seq_len", "eval_batch_seqs", "ttt_chunk_tokens", "mlp_mult", "logit_softcap"):
         need(getattr(cfg, k) > 0, f"{k.upper()} must be positive (got {getattr(cfg, k)})")
     need(cfg.bigram_vocab >= 2, "BIGRAM_VOCAB must be at least 2")
+    for k in (f.name for f in fields(Config) if f.type == "float"):  # rates, decays, clips, seconds: NaN/inf/< 0 mean nothing
+        v = getattr(cfg, k)
+        need(math.isfinite(v) or (k == "eval_budget_s" and v > 0), f"{k.upper()} must be finite (got {v})")
+        need(v >= 0 or k == "qk_gain_init", f"{k.upper()} must not be negative (got {v})")
+    for k in ("muon_momentum", "muon_momentum_warmup_start", "ema_decay", "ttt_momentum"):
+        need(getattr(cfg, k) <= 1, f"{k.upper()} must be in [0, 1] (got {getattr(cfg, k)})")
     try:
         ve_layer_ids(cfg)
     except ValueError:
@@ -212,6 +215,20 @@ def check_config(cfg: Config) -> None:
     need(cfg.ttt_optimizer in ("sgd", "muon"), "TTT_OPTIMIZER must be sgd or muon")
     need(0 < cfg.eval_stride <= cfg.eval_seq_len, "EVAL_STRIDE must be in 1..EVAL_SEQ_LEN")
     need(cfg.iterations > 0 and 0 <= cfg.warmdown_iters <= cfg.iterations, "need 0 <= WARMDOWN_ITERS <= ITERATIONS")
+
+
+def check_tokenizer(cfg: Config) -> None:
+    """The bpb needs the tokenizer: a missing or mismatched one must stop the run before training, not after."""
+    path = cfg.tokenizer_path
+    if not os.path.isfile(path):
+        raise InputError(f"TOKENIZER_PATH {path}: {'not a file' if os.path.exists(path) else 'no such file'}")
+    import sentencepiece as spm
+    try:
+        n = spm.SentencePieceProcessor(model_file=path).vocab_size()
+    except Exception as e:
+        raise InputError(f"TOKENIZER_PATH {path}: cannot load it as a SentencePiece model ({e})") from None
+    if n != cfg.vocab_size:
+        raise InputError(f"TOKENIZER_PATH {path}: {n} tokens, but VOCAB_SIZE is {cfg.vocab_size}")
 
 
 def ve_layer_ids(cfg: Config) -> list[int]:
@@ -266,20 +283,7 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 def check_shards(files: list[str], vocab_size: int, d: Dist) -> None:
     """Validate every shard before training; each rank reads its share, then all learn of any error."""
-    err = ""
-    for path in files[d.rank::d.world]:
-        try:
-            shard_tokens(path, vocab_size)
-        except InputError as e:
-            err = str(e)
-            break
-    errs = [err]
-    if d.world > 1:
-        errs = [None] * d.world
-        dist.all_gather_object(errs, err)
-    for e in errs:
-        if e:
-            raise InputError(e)
+    d.agree(lambda: [shard_tokens(path, vocab_size) for path in files[d.rank::d.world]])
 
 
 class TokenStream:
@@ -766,23 +770,37 @@ def save_checkpoint(cfg: Config, d: Dist, model, opt, loader, avg, step: int, tr
     if d.main:
         path = Path(cfg.run_dir) / f"ckpt_step{step:06d}.pt"
         atomic_torch_save(state, path)
-        for old in sorted(Path(cfg.run_dir).glob("ckpt_step*.pt"))[:-2]:  # keep the latest two
+        for old in sorted(p for p in Path(cfg.run_dir).glob("ckpt_step*.pt") if p.name <= path.name)[:-2]:  # keep two
             old.unlink()
         log(f"checkpoint:{path} step:{step}")
 
 
-def load_checkpoint(path: str, device) -> dict:
+def load_checkpoint(path: str, device, cfg: Config) -> dict:
     if not os.path.isfile(path):
         raise InputError(f"--resume {path}: no such file")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise InputError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    was = {k: ck.get("config", {}).get(k, MODEL_FIELDS_ADDED.get(k)) for k in MODEL_FIELDS}  # the model it holds
+    diff = [f"{k.upper()} (checkpoint {was[k]}, now {getattr(cfg, k)})" for k in MODEL_FIELDS if was[k] != getattr(cfg, k)]
+    if diff:
+        raise InputError(f"--resume {path}: the checkpoint differs in {', '.join(diff)}")
+    return ck
+
+
+def mean_loss(loss: torch.Tensor, d: Dist, step: int) -> float:
+    """The ranks' mean training loss; all see the same one, so a non-finite one stops every rank alike. Read only
+    where the loop synchronizes anyway (logged steps, pauses, the end): checking every step would cost a GPU sync."""
+    v = d.all_reduce(loss.detach().clone()).item() / d.world
+    if not math.isfinite(v):
+        raise InputError(f"training diverged at step {step} (loss {v}); lower the learning rates or resume an earlier checkpoint")
+    return v
 
 
 def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GPT, dict]:
     torch.manual_seed(cfg.seed)
-    check_shards(shard_files(cfg.data_path, "train") + shard_files(cfg.data_path, "val"), cfg.vocab_size, d)
+    ck = load_checkpoint(resume, d.device, cfg) if resume else None  # a bad or mismatched one fails before any work
     model = GPT(cfg).to(d.device)
     for p in model.parameters():  # one initialization for all ranks, whatever their RNG did
         if d.world > 1:
@@ -805,8 +823,7 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
 
     opt, loader, avg = Optimizers(model, cfg, d), TrainLoader(cfg, d), WeightAverage(model, cfg)
     step, train_time = 0, 0.0
-    if resume:
-        ck = load_checkpoint(resume, d.device)
+    if ck:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         loader.load_state(ck["loader"])
@@ -834,13 +851,14 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
         clock.enqueued(step, wait_all=logged)
         if logged:
             now = clock.now()
-            loss = d.all_reduce(loss.clone()).item() / d.world
+            loss_mean = mean_loss(loss, d, step)
             avg_ms = 1000 * now / step
-            log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{now * 1000:.0f}ms step_avg:{avg_ms:.2f}ms "
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss_mean:.4f} train_time:{now * 1000:.0f}ms step_avg:{avg_ms:.2f}ms "
                 f"tok/s:{cfg.train_batch_tokens / avg_ms * 1000:.0f} lr_scale:{scale:.4f}")
         pause = (cfg.val_every > 0 and step % cfg.val_every == 0) or (cfg.save_every > 0 and step % cfg.save_every == 0)
         if pause and step < cfg.iterations:  # periodic val and checkpoints stay off the clock
             train_time = clock.stop()
+            mean_loss(loss, d, step)  # no checkpoint of a diverged run
             if cfg.val_every > 0 and step % cfg.val_every == 0:
                 r = evaluate(model, val, cfg, d, stride=cfg.eval_seq_len)
                 log(f"step:{step}/{cfg.iterations} val_loss:{r['val_loss']:.4f} val_bpb:{r['val_bpb']:.4f}")
@@ -848,6 +866,8 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GP
                 save_checkpoint(cfg, d, model, opt, loader, avg, step, train_time, log)
             clock = StepClock(d, train_time, step)
     train_time = clock.stop()
+    if step > first_step:
+        mean_loss(loss, d, step)
     ran = max(step - first_step, 1)
     log(f"stopped step:{step}/{cfg.iterations} train_time:{train_time * 1000:.0f}ms step_avg:{1000 * train_time / max(step, 1):.2f}ms "
         f"tok/s:{ran * cfg.train_batch_tokens / max(train_time, 1e-9):.0f}")
@@ -1358,6 +1378,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default=os.environ.get("PRESET", "h100"), help=f"one of {', '.join(PRESETS)} (default h100)")
     ap.add_argument("--resume", metavar="CKPT", help="continue training from a ckpt_step*.pt")
     ap.add_argument("--eval-only", metavar="ARTIFACT", help="evaluate an artifact (model.hqa); no training")
+    ap.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR (with --eval-only: its eval.log), "
+                    "whose files are removed first; without it, a RUN_DIR that holds one is refused")
     ap.add_argument("--save-nll", metavar="PATH", help="write the scored per-target NLL (float64 nats) as .npy")
     ap.add_argument("--pack", metavar="DIR", help="write a records folder (new or empty) and exit: the self-extracting "
                     "train_gpt.py (all counted code), requirements.txt, README.md, submission.json, the runs' logs")
@@ -1369,8 +1391,8 @@ def main(argv: list[str] | None = None) -> None:
     d = None
     try:
         if args.pack is not None or args.pack_runs is not None:
-            if args.pack is None or args.resume or args.eval_only or args.save_nll:
-                raise InputError("--pack DIR [--pack-runs RUN,...] takes no --resume, --eval-only or --save-nll"
+            if args.pack is None or args.resume or args.eval_only or args.save_nll or args.overwrite:
+                raise InputError("--pack DIR [--pack-runs RUN,...] takes no --resume, --eval-only, --save-nll or --overwrite"
                                  if args.pack else "--pack-runs needs --pack DIR")
             if globals().get("__packed_file__"):
                 raise InputError("--pack packs the source tree; this is a packed train_gpt.py")
@@ -1383,9 +1405,15 @@ def main(argv: list[str] | None = None) -> None:
         cfg = build_config(args.preset, {f.name: getattr(args, f.name) for f in fields(Config)})
         d = init_dist()
         inductor_mode = fast.tune_inductor(d.device)
+        if not args.eval_only:  # the inputs, before the run folder is touched
+            d.agree(lambda: check_tokenizer(cfg))
+            check_shards(shard_files(cfg.data_path, "train") + shard_files(cfg.data_path, "val"), cfg.vocab_size, d)
+        ours = ("eval.log",) if args.eval_only else () if args.resume else RUN_FILES  # a resumed run continues its folder
+        claimed = d.agree(lambda: claim_run_dir(cfg.run_dir, ours, args.overwrite), main_only=True)  # rank 0's line
+        log = Log(d, str(Path(cfg.run_dir) / ("eval.log" if args.eval_only else "train.log")))
+        log(f"inductor:{inductor_mode}")
+        log(claimed)
         if args.eval_only:
-            log = Log(d, str(Path(cfg.run_dir) / "eval.log"))
-            log(f"inductor:{inductor_mode}")
             t = time.perf_counter()
             model, mcfg = load_artifact(args.eval_only, d.device)
             for k in MODEL_FIELDS:
@@ -1394,8 +1422,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"bytes:{os.path.getsize(args.eval_only)} model_params:{sum(p.numel() for p in model.parameters())}")
             final_eval(model, cfg, d, log, args.save_nll)
             return
-        log = Log(d, str(Path(cfg.run_dir) / "train.log"))
-        log(f"inductor:{inductor_mode}")
         fast.select_mlp_kernels(cfg.fused_kernels, cfg.cutlass_mlp, d.device, log)
         model, train_info = train(cfg, d, log, args.resume)
         evaluate(model, ValData(cfg), cfg, d, cfg.eval_seq_len, "raw", log=log)

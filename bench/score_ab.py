@@ -9,7 +9,8 @@ An arm is NAME=K=V,K=V (environment overrides of Config fields; empty after '=' 
 DIR/arms.txt (the arms in order: the table's first is the reference) and DIR/NAME_sSEED/ (train.log, submission.json, nll.npy: the score mode's per-target NLL). An eval arm
 NAME@ARM=K=V re-evaluates ARM's artifacts with other eval settings (--eval-only): no training. Runs go in
 order arm by arm within a seed, seed by seed; one that would not finish inside --budget-s (judged by the
-slowest run so far) is skipped and listed. Needs DATA_PATH and TOKENIZER_PATH in the environment.
+slowest run so far) is skipped and listed, and so is one whose folder already holds its log (run again to finish
+a plan). Needs DATA_PATH and TOKENIZER_PATH in the environment.
 """
 from __future__ import annotations
 
@@ -159,6 +160,9 @@ def main(argv=None) -> None:
     plan = [(s, "train", a) for s in seeds for a in arms] + [(s, "eval", e) for s in seeds for e in evals]
     for i, (seed, kind, (name, base, env)) in enumerate(plan):
         run_dir = out / f"{name}_s{seed}"
+        if (run_dir / f"{kind}.log").is_file():  # train_gpt.py refuses a run folder that holds a run
+            skipped.append(f"{run_dir.name} (already run)")
+            continue
         if time.time() - t_start + slowest[kind] > args.budget_s:
             skipped.append(run_dir.name)
             continue
@@ -178,7 +182,7 @@ def main(argv=None) -> None:
         print(f"[{i + 1}/{len(plan)}] {run_dir.name} rc:{rc} {secs:.0f}s "
               + (f"score:{r['score']:.5f}" if r else "") + f" elapsed:{time.time() - t_start:.0f}s", flush=True)
     if skipped:
-        print("skipped (budget or missing input): " + ", ".join(skipped))
+        print("skipped (budget, missing input or already run): " + ", ".join(skipped))
     print(table([out], data, tok))
 
 

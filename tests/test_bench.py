@@ -94,3 +94,15 @@ def test_table_orders_arms_and_reports_deltas(tmp_path):
     assert rows[1][0] == "zeta" and [r for r in rows if r[:2] == ["alpha", "1"]][0][-1] == "-0.02000"
     summary = [r for r in rows if r[:2] == ["alpha", "2"]][-1]  # the summary: arm, n, mean, sd, d_mean, p
     assert float(summary[4]) == pytest.approx(-0.025) and float(summary[5]) < 0.1
+
+
+def test_score_ab_skips_runs_already_done(tmp_path, monkeypatch, capsys):
+    """train_gpt.py refuses a run folder that holds a run: a second call of the same plan skips the finished runs
+    instead of launching runs that would be refused."""
+    _fake_run(tmp_path / "a_s1", 1.63, 1.60)
+    monkeypatch.setenv("DATA_PATH", str(ROOT / "data" / "datasets" / "fineweb_tiny_sp1024"))
+    monkeypatch.setenv("TOKENIZER_PATH", str(ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"))
+    monkeypatch.setattr(score_ab, "run_one", lambda *a: pytest.fail(f"launched {a}"))
+    score_ab.main(["--out", str(tmp_path), "--arm", "a=", "--seeds", "1"])
+    out = capsys.readouterr().out
+    assert "skipped (budget, missing input or already run): a_s1 (already run)" in out and "1.60000" in out

@@ -1,5 +1,6 @@
 """Training section: learning on the bundled sample, input validation, exact resume, and a real
 2-process torchrun (gloo) run that must match a single-process run with the same global batch."""
+import copy
 import json
 import math
 import os
@@ -111,7 +112,7 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, capsys, case, split):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert (str(bad) if case != "no_shards" else f"no {split} shards") in err, err
-    assert not (tmp_path / "run" / "model.pt").exists()
+    assert not (tmp_path / "run").exists()  # checked before the run folder is touched: a rerun is not refused
 
 
 def test_cli_bad_resume_path(tmp_path, capsys):
@@ -119,11 +120,59 @@ def test_cli_bad_resume_path(tmp_path, capsys):
     junk.write_bytes(b"not a checkpoint")
     for ck, words in ((tmp_path / "missing.pt", "no such file"), (junk, "not a readable checkpoint")):
         with pytest.raises(SystemExit) as e:
-            tg.main(["--preset", "smoke", "--data-path", str(DATA), "--run-dir", str(tmp_path / "run"),
-                     "--resume", str(ck)])
+            tg.main(["--preset", "smoke", "--data-path", str(DATA), "--tokenizer-path", str(TOKENIZER),
+                     "--run-dir", str(tmp_path / "run"), "--resume", str(ck)])
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert str(ck) in err and words in err, err
+
+
+@pytest.mark.parametrize("case,words", [("missing", "no such file"), ("folder", "not a file"),
+                                        ("garbage", "cannot load it as a SentencePiece model"),
+                                        ("vocab", "1024 tokens, but VOCAB_SIZE is 2048")])
+def test_cli_checks_the_tokenizer_before_training(tmp_path, small_data, capsys, case, words):
+    """(Regression: a missing tokenizer was reported after training; a mismatched one was never reported.)"""
+    tok = {"missing": tmp_path / "none.model", "folder": tmp_path, "garbage": tmp_path / "junk.model",
+           "vocab": TOKENIZER}[case]
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--preset", "smoke", "--data-path", str(small_data), "--tokenizer-path", str(tok), "--run-dir",
+                 str(tmp_path / "run"), "--iterations", "2", "--warmdown-iters", "1", "--ttt", "0", "--slot", "off",
+                 *(["--vocab-size", "2048"] if case == "vocab" else [])])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: TOKENIZER_PATH {tok}: {words}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # checked before training, and before the run folder is touched
+
+
+@pytest.mark.parametrize("flags,words", [
+    ({"matrix_lr": "-0.01"}, "MATRIX_LR must not be negative (got -0.01)"),
+    ({"tied_embed_lr": "nan"}, "TIED_EMBED_LR must be finite (got nan)"),
+    ({"scalar_lr": "inf"}, "SCALAR_LR must be finite (got inf)"),
+    ({"ttt_lr": "-inf"}, "TTT_LR must be finite (got -inf)"),
+    ({"slot_lr": "nan"}, "SLOT_LR must be finite"),
+    ({"slot_lr_min": "-0.001"}, "SLOT_LR_MIN must not be negative"),
+    ({"muon_wd": "-0.04"}, "MUON_WD must not be negative"),
+    ({"adam_wd": "nan"}, "ADAM_WD must be finite"),
+    ({"grad_clip_norm": "inf"}, "GRAD_CLIP_NORM must be finite"),
+    ({"ttt_grad_clip": "-1"}, "TTT_GRAD_CLIP must not be negative"),
+    ({"ema_decay": "1.5"}, "EMA_DECAY must be in [0, 1]"),
+    ({"muon_momentum": "nan"}, "MUON_MOMENTUM must be finite"),
+    ({"ttt_momentum": "-0.9"}, "TTT_MOMENTUM must not be negative"),
+    ({"max_wallclock_seconds": "inf"}, "MAX_WALLCLOCK_SECONDS must be finite"),
+    ({"eval_budget_s": "nan"}, "EVAL_BUDGET_S must be finite"),
+    ({"logit_softcap": "0"}, "LOGIT_SOFTCAP must be positive"),
+    ({"mlp_mult": "nan"}, "MLP_MULT must be positive"),
+])
+def test_build_config_refuses_nan_inf_or_negative_rates(flags, words):
+    with pytest.raises(tg.InputError) as e:
+        tg.build_config("smoke", flags=flags, env={})
+    assert words in str(e.value), str(e.value)
+    with pytest.raises(tg.InputError, match=words.split()[0]):  # the environment variable: the same check
+        tg.build_config("smoke", env={words.split()[0]: next(iter(flags.values()))})
+
+
+def test_build_config_keeps_meaningful_float_values():
+    assert tg.build_config("smoke", flags={"eval_budget_s": "inf", "qk_gain_init": "-1", "muon_wd": "0"}, env={})
 
 
 def test_build_config_bad_preset():
@@ -410,6 +459,108 @@ def test_resume_is_bit_exact(tmp_path, final_weights):
     assert any(not torch.equal(c[k], a[k]) for k in a)
 
 
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    """(Regression: ended in a state_dict traceback after building and compiling the model.)"""
+    flags = dict(iterations=2, warmdown_iters=1, save_every=2)
+    tg.train(smoke_cfg(tmp_path / "a", **flags), dist1(), quiet_log())
+    ck = tmp_path / "a" / "ckpt_step000002.pt"
+    other = smoke_cfg(tmp_path / "b", model_dim=128, num_layers=5, mlp_mult=3.0, matrix_lr=0.01, **flags)
+    with pytest.raises(tg.InputError) as e:
+        tg.train(other, dist1(), quiet_log(), resume=str(ck))
+    assert str(e.value) == (f"--resume {ck}: the checkpoint differs in NUM_LAYERS (checkpoint 4, now 5), "
+                            "MODEL_DIM (checkpoint 64, now 128), MLP_MULT (checkpoint 2.0, now 3.0)")
+
+
+def test_resume_from_an_earlier_checkpoint_keeps_its_new_checkpoints(tmp_path):
+    """The keep-latest-two rule counts only checkpoints up to the step just saved. (Regression: resuming step 3
+    in a folder that also held steps 6 and 9 deleted each new checkpoint as soon as it was written.)"""
+    flags = dict(iterations=6, warmdown_iters=3, save_every=3)
+    tg.train(smoke_cfg(tmp_path, **flags), dist1(), quiet_log())
+    (tmp_path / "ckpt_step000009.pt").write_bytes((tmp_path / "ckpt_step000006.pt").read_bytes())
+    six = (tmp_path / "ckpt_step000006.pt").stat().st_mtime_ns
+    tg.train(smoke_cfg(tmp_path, **{**flags, "save_every": 1}), dist1(), quiet_log(),
+             resume=str(tmp_path / "ckpt_step000003.pt"))
+    assert sorted(p.name for p in tmp_path.glob("ckpt_step*.pt")) == [
+        "ckpt_step000005.pt", "ckpt_step000006.pt", "ckpt_step000009.pt"]
+    assert (tmp_path / "ckpt_step000006.pt").stat().st_mtime_ns != six  # the resumed run's own step 6
+
+
+def test_training_that_diverges_stops_with_an_error(tmp_path):
+    """(Regression: a NaN loss trained on to the end and shipped a NaN model.)"""
+    cfg = smoke_cfg(tmp_path, iterations=6, warmdown_iters=1, log_every=1, save_every=0, warmup_steps=0,
+                    matrix_lr=1e30, tied_embed_lr=1e30, scalar_lr=1e30)
+    with pytest.raises(tg.InputError, match=r"^training diverged at step 2 \(loss nan\); "):
+        tg.train(cfg, dist1(), quiet_log())
+    assert not (tmp_path / "model.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run folder holds one run
+# ---------------------------------------------------------------------------------------------------
+
+OLD_RUN = {"train.log": "step:400/9000 train_loss:3.0\n", "ckpt_step000400.pt": "x", "ckpt_step000600.pt": "x",
+           "model.pt": "x", "model.hqa": "x", "submission.json": "{}", "eval.log": "old eval\n", "nll.npy": "x"}
+
+
+def _old_run(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in OLD_RUN.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_cli_refuses_a_run_folder_that_holds_a_run(tmp_path, capsys):
+    """(Regression: a second run appended to the first's train.log, and the keep-latest-two rule deleted the new
+    run's checkpoints in favour of the old run's later ones.)"""
+    run = _old_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--preset", "smoke", "--data-path", str(DATA), "--tokenizer-path", str(TOKENIZER), "--run-dir",
+                 str(run), "--iterations", "2", "--warmdown-iters", "1", "--ttt", "0", "--slot", "off"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: run folder {run} already holds a run (train.log, ckpt_step000400.pt, "
+                                       "ckpt_step000600.pt, ...); use --resume CKPT to continue it or --overwrite "
+                                       "to replace it\n")
+    assert {p.name: p.read_text() for p in run.iterdir()} == OLD_RUN  # untouched
+
+
+def test_overwrite_removes_the_old_runs_files_and_orphan_temp_files(tmp_path):
+    run = _old_run(tmp_path)
+    dead = run / "model.pt.tmp99999999"  # beyond any pid_max: the writer has exited
+    live, other = run / f"eval.log.tmp{os.getpid()}", run / "notes.tmpl"
+    for p in (dead, live, other, run / "train.out"):
+        p.write_text("x")
+    with pytest.raises(tg.InputError, match="use --resume CKPT"):
+        tg.claim_run_dir(str(run), tg.RUN_FILES, overwrite=False)
+    line = tg.claim_run_dir(str(run), tg.RUN_FILES, overwrite=True)
+    assert line == (f"run_dir:{run} orphan_temp_files_removed:1 overwrite_removed:train.log,ckpt_step000400.pt,"
+                    "ckpt_step000600.pt,model.pt,model.hqa,submission.json,eval.log,nll.npy")
+    assert sorted(p.name for p in run.iterdir()) == sorted([live.name, other.name, "train.out"])
+    assert tg.claim_run_dir(str(run), tg.RUN_FILES, overwrite=False) == f"run_dir:{run} orphan_temp_files_removed:0"
+
+
+def test_eval_only_refuses_an_eval_log_but_not_its_own_run_folder(tmp_path, trained, small_data, capsys):
+    """--eval-only of a run's own artifact into that run's folder is normal use; a second one must not append to
+    (or silently replace) the first's eval.log."""
+    cfg = copy.deepcopy(trained["cfg"])
+    cfg.run_dir = str(tmp_path)
+    path, _ = tg.write_artifact(trained["model"], cfg, dist1(), quiet_log(tmp_path / "train.log"))
+    args = ["--preset", "smoke", "--eval-only", path, "--data-path", str(small_data), "--tokenizer-path",
+            str(TOKENIZER), "--run-dir", str(tmp_path), "--ttt", "0", "--slot", "off", "--eval-stride", "128"]
+    tg.main(args)
+    first = (tmp_path / "eval.log").read_text()
+    assert "final_sliding" in first and "eval.log" not in first  # nothing of the training run was removed
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tg.main(args)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"error: run folder {tmp_path} already holds a run (eval.log); use --overwrite to replace it\n")
+    assert (tmp_path / "eval.log").read_text() == first
+    tg.main([*args, "--overwrite"])
+    second = (tmp_path / "eval.log").read_text()
+    assert second.count("inductor:") == 1 and "overwrite_removed:eval.log" in second
+    assert (tmp_path / "train.log").exists() and (tmp_path / "model.hqa").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # distributed: torchrun --nproc_per_node=2 (gloo) == 1 process with the same global batch
 # ---------------------------------------------------------------------------------------------------
@@ -505,6 +656,26 @@ def test_torchrun_resumes_a_single_process_checkpoint(tmp_path, small_data, sing
     c = torch.load(res / "model.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], c[k], atol=1e-4, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("case", ["run_folder", "diverged"])
+def test_torchrun_every_rank_stops_with_the_error(tmp_path, small_data, case):
+    """Rank 0 alone checks the run folder, and each rank sees only its own loss: both ranks must stop with the same
+    `error:` line and exit code 2, and neither may be left waiting in a collective."""
+    run = _old_run(tmp_path / "run") if case == "run_folder" else tmp_path / "run"
+    extra = ["--matrix-lr", "1e30", "--tied-embed-lr", "1e30", "--scalar-lr", "1e30", "--warmup-steps", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
+    p = subprocess.run([*TORCHRUN, SCRIPT, *_common(small_data), "--run-dir", str(run), "--slot", "off",
+                        *(extra if case == "diverged" else [])], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=240)
+    want = (f"error: run folder {run} already holds a run" if case == "run_folder" else
+            "error: training diverged at step 2 (loss nan); ")
+    assert p.returncode != 0 and p.stderr.count(want) == 2, p.stderr[-3000:]
+    assert "exitcode  : 2" in p.stderr and 'train_gpt.py", line' not in p.stderr  # no traceback of ours (torchrun's own)
+    if case == "run_folder":
+        assert {f.name: f.read_text() for f in run.iterdir()} == OLD_RUN
+    else:
+        assert "step:1/4 train_loss:" in (run / "train.log").read_text() and not (run / "model.pt").exists()
 
 
 def test_torchrun_ttt_matches_single_process(tmp_path, small_data, single_run):
