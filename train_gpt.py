@@ -240,6 +240,9 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "qk_alphabet", "vo_alphabet", "mlp_up_alphabet", "mlp_down_alphabet")
 MODEL_FIELDS_ADDED = {"residual_dtype": "fp32", "qk_alphabet": 64, "vo_alphabet": 32, "mlp_up_alphabet": 5,
                       "mlp_down_alphabet": 16}  # what artifacts written before a field existed were made with
+# what an artifact's scores depend on besides its weights: recorded in it; --eval-only uses them unless set
+EVAL_FIELDS = ("eval_seq_len", "eval_stride", "ttt", "ttt_optimizer", "ttt_lr", "ttt_epochs", "ttt_chunk_tokens",
+               "ttt_momentum", "ttt_freeze_blocks", "ttt_grad_clip", "slot", "slot_steps", "slot_lr", "slot_lr_min")
 
 # ----------------------------------------------------------------------------------------------------
 # Data: shards in the competition format (rules §2.2), read as a cyclic stream
@@ -930,14 +933,16 @@ def build_artifact(model: GPT, cfg: Config) -> tuple[bytes, list]:
         return (q + a // 2).to(torch.uint8).numpy(), scale.numpy()
     qnames = quantized_tensors(model, cfg)
     tensors = [(k, v.detach().float().cpu().numpy(), qnames.get(k)) for k, v in model.state_dict().items()]
-    return hq_artifact.pack(tensors, {k: getattr(cfg, k) for k in MODEL_FIELDS}, quantize, group_name)
+    return hq_artifact.pack(tensors, {k: getattr(cfg, k) for k in MODEL_FIELDS + EVAL_FIELDS}, quantize, group_name)
 
 
 def artifact_config(mc: dict) -> Config:
+    """The model's fields and (when recorded: artifacts before 2026-12-06 lack them) the eval settings."""
     cfg = Config()
-    for k in MODEL_FIELDS:
-        v = mc.get(k, MODEL_FIELDS_ADDED[k]) if k in MODEL_FIELDS_ADDED else mc[k]
-        setattr(cfg, k, type(getattr(cfg, k))(v))
+    for k in MODEL_FIELDS + EVAL_FIELDS:
+        if k in mc or k not in EVAL_FIELDS:
+            v = mc.get(k, MODEL_FIELDS_ADDED[k]) if k in MODEL_FIELDS_ADDED else mc[k]
+            setattr(cfg, k, type(getattr(cfg, k))(v))
     check_config(cfg)
     return cfg
 
@@ -966,23 +971,29 @@ def check_artifact_model(cfg: Config, table: list, dim_cap: int, total: int) -> 
             raise ValueError(f"{name}: alphabet {a}, the config's is {qat[name]}")
 
 
-def parse_artifact(data: bytes, path: str) -> tuple[Config, dict[str, torch.Tensor]]:
+def parse_artifact(data: bytes, path: str, evals: dict | None = None) -> tuple[Config, dict[str, torch.Tensor]]:
     """Checks and decodes an artifact without executing anything from it (hq_artifact.parse: the whole header
-    is validated before anything is decoded, and the rANS decode is bounded by what it declares)."""
+    is validated before anything is decoded, and the rANS decode is bounded by what it declares). `evals`, if
+    given, receives the eval settings the artifact records."""
+    def make_config(mc: dict) -> Config:
+        cfg = artifact_config(mc)
+        if evals is not None:
+            evals.update({k: getattr(cfg, k) for k in EVAL_FIELDS if k in mc})
+        return cfg
     try:
-        cfg, arrays = hq_artifact.parse(data, artifact_config, check_artifact_model, wrap=(InputError,))
+        cfg, arrays = hq_artifact.parse(data, make_config, check_artifact_model, wrap=(InputError,))
     except hq_artifact.ArtifactError as e:
         raise InputError(f"{path}: {e}") from None
     return cfg, {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else
                  dequantize_rows(torch.from_numpy(v[1]), torch.from_numpy(v[2]), v[0]) for k, v in arrays.items()}
 
 
-def load_artifact(path: str, device) -> tuple[GPT, Config]:
+def load_artifact(path: str, device, evals: dict | None = None) -> tuple[GPT, Config]:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot read artifact ({e.strerror})") from None
-    mcfg, sd = parse_artifact(data, path)  # names, order and shapes checked against GPT(mcfg) on the meta device
+    mcfg, sd = parse_artifact(data, path, evals)  # names, order and shapes checked against GPT(mcfg) on the meta device
     model = GPT(mcfg)
     model.load_state_dict(sd, strict=True)
     model.set_quantized(False)  # the weights already are the dequantized values
@@ -1415,9 +1426,18 @@ def main(argv: list[str] | None = None) -> None:
         log(claimed)
         if args.eval_only:
             t = time.perf_counter()
-            model, mcfg = load_artifact(args.eval_only, d.device)
+            evals = {}
+            model, mcfg = load_artifact(args.eval_only, d.device, evals)
             for k in MODEL_FIELDS:
                 setattr(cfg, k, getattr(mcfg, k))
+            given = {k for k in EVAL_FIELDS if os.environ.get(k.upper()) is not None or getattr(args, k) is not None}
+            changed = " ".join(f"{k.upper()}={getattr(cfg, k)}(artifact:{v})" for k, v in evals.items()
+                               if k in given and v != getattr(cfg, k))
+            for k, v in evals.items():
+                if k not in given:
+                    setattr(cfg, k, v)
+            log("eval_settings: " + ("the artifact's" if evals else "the preset's (this artifact records none)") +
+                f" overridden:{changed or 'none'}")
             log(f"eval_phase:load_artifact {time.perf_counter() - t:.1f}s path:{args.eval_only} "
                 f"bytes:{os.path.getsize(args.eval_only)} model_params:{sum(p.numel() for p in model.parameters())}")
             final_eval(model, cfg, d, log, args.save_nll)

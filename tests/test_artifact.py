@@ -590,3 +590,16 @@ def test_forged_huge_rope_is_refused_before_building_the_model(artifact, tmp_pat
                         else pytest.fail(f"rope tables of {n} x {dims} built"))
     big = {"model_dim": 1 << 20, "rope_dims": 1 << 20, "num_heads": 1, "num_kv_heads": 1}
     _refused(_forge(artifact["payload"], lambda h: h["config"].update(big)), tmp_path)
+
+
+def test_eval_settings_travel_and_older_artifacts_record_none(trained, artifact):
+    """--eval-only scores an artifact with the eval settings its run used: the header records them (checked
+    like any config value); an artifact written before they were recorded reports none, not made-up ones."""
+    evals = {}
+    tg.parse_artifact(artifact["payload"], "x", evals)
+    assert set(evals) == set(tg.EVAL_FIELDS) and evals["eval_stride"] == trained["cfg"].eval_stride
+    evals = {}
+    tg.parse_artifact(_forge(artifact["payload"], lambda h: [h["config"].pop(k) for k in tg.EVAL_FIELDS]), "x", evals)
+    assert evals == {}
+    with pytest.raises(tg.InputError):
+        tg.parse_artifact(_forge(artifact["payload"], lambda h: h["config"].__setitem__("slot", "sideways")), "x")

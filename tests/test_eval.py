@@ -149,6 +149,27 @@ def test_cli_eval_only_save_nll(tmp_path, trained, small_data, capsys):
     assert nll.mean() == pytest.approx(loss, abs=1e-8)  # the log prints 8 decimals
 
 
+def test_cli_eval_only_uses_the_artifacts_eval_settings(tmp_path, trained, small_data):
+    """The artifact records its run's eval settings: --eval-only without flags scores as that run did (not as
+    the preset says), a flag overrides one setting, and the log names what was overridden."""
+    cfg = copy.deepcopy(trained["cfg"])
+    cfg.run_dir, cfg.eval_seq_len, cfg.eval_stride, cfg.ttt, cfg.slot = str(tmp_path / "art"), 64, 32, 0, "off"
+    path, _ = tg.write_artifact(trained["model"], cfg, dist1(), quiet_log())
+    base = ["--preset", "smoke", "--eval-only", path, "--data-path", str(small_data), "--tokenizer-path", str(TOKENIZER)]
+    logs = {}
+    for name, flags in (("run", ["--eval-seq-len", "64", "--eval-stride", "32", "--ttt", "0", "--slot", "off"]),
+                        ("bare", []), ("stride", ["--eval-stride", "16"])):
+        tg.main([*base, *flags, "--run-dir", str(tmp_path / name)])
+        logs[name] = (tmp_path / name / "eval.log").read_text()
+
+    def sliding(text):
+        return text.split("final_sliding val_loss:")[1].split()[0]
+    assert "eval_settings: the artifact's overridden:none" in logs["bare"] and "final_ttt" not in logs["bare"]
+    assert sliding(logs["bare"]) == sliding(logs["run"])  # the smoke preset alone would run TTT and SLOT at 128
+    assert "eval_settings: the artifact's overridden:EVAL_STRIDE=16(artifact:32)" in logs["stride"]
+    assert sliding(logs["stride"]) != sliding(logs["run"])
+
+
 def test_cli_eval_only_refuses_bad_artifact(tmp_path, capsys):
     bad = tmp_path / "x.hqa"
     bad.write_bytes(b"garbage")
