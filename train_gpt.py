@@ -801,9 +801,11 @@ def mean_loss(loss: torch.Tensor, d: Dist, step: int) -> float:
     return v
 
 
-def train(cfg: Config, d: Dist, log: Log, resume: str | None = None) -> tuple[GPT, dict]:
+def train(cfg: Config, d: Dist, log: Log, resume: str | None = None, ck: dict | None = None) -> tuple[GPT, dict]:
+    """Trains from scratch, or from the checkpoint at `resume` (`ck`: that checkpoint, if main already loaded it)."""
     torch.manual_seed(cfg.seed)
-    ck = load_checkpoint(resume, d.device, cfg) if resume else None  # a bad or mismatched one fails before any work
+    if resume and ck is None:
+        ck = load_checkpoint(resume, d.device, cfg)  # a bad or mismatched one fails before any work
     model = GPT(cfg).to(d.device)
     for p in model.parameters():  # one initialization for all ranks, whatever their RNG did
         if d.world > 1:
@@ -1419,6 +1421,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.eval_only:  # the inputs, before the run folder is touched
             d.agree(lambda: check_tokenizer(cfg))
             check_shards(shard_files(cfg.data_path, "train") + shard_files(cfg.data_path, "val"), cfg.vocab_size, d)
+        # a bad or mismatched --resume checkpoint is refused before the run folder is touched, on every rank alike
+        ck = d.agree(lambda: load_checkpoint(args.resume, d.device, cfg)) if args.resume and not args.eval_only else None
         ours = ("eval.log",) if args.eval_only else () if args.resume else RUN_FILES  # a resumed run continues its folder
         claimed = d.agree(lambda: claim_run_dir(cfg.run_dir, ours, args.overwrite), main_only=True)  # rank 0's line
         log = Log(d, str(Path(cfg.run_dir) / ("eval.log" if args.eval_only else "train.log")))
@@ -1443,7 +1447,7 @@ def main(argv: list[str] | None = None) -> None:
             final_eval(model, cfg, d, log, args.save_nll)
             return
         fast.select_mlp_kernels(cfg.fused_kernels, cfg.cutlass_mlp, d.device, log)
-        model, train_info = train(cfg, d, log, args.resume)
+        model, train_info = train(cfg, d, log, args.resume, ck)
         evaluate(model, ValData(cfg), cfg, d, cfg.eval_seq_len, "raw", log=log)
         path, art = write_artifact(model, cfg, d, log)
         t = time.perf_counter()

@@ -125,6 +125,17 @@ def test_cli_bad_resume_path(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert str(ck) in err and words in err, err
+        assert not (tmp_path / "run").exists()  # refused before the run folder is touched, so a retry is not refused
+
+
+def test_cli_resume_of_another_model_leaves_the_run_folder_alone(tmp_path, capsys):
+    flags = dict(iterations=2, warmdown_iters=1, save_every=2)
+    tg.train(smoke_cfg(tmp_path / "a", **flags), dist1(), quiet_log())
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--preset", "smoke", "--data-path", str(DATA), "--tokenizer-path", str(TOKENIZER), "--model-dim",
+                 "128", "--run-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "ckpt_step000002.pt")])
+    assert e.value.code == 2 and "the checkpoint differs in MODEL_DIM (checkpoint 64, now 128)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("case,words", [("missing", "no such file"), ("folder", "not a file"),
