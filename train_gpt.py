@@ -789,6 +789,7 @@ def load_checkpoint(path: str, device, cfg: Config) -> dict:
     diff = [f"{k.upper()} (checkpoint {was[k]}, now {getattr(cfg, k)})" for k in MODEL_FIELDS if was[k] != getattr(cfg, k)]
     if diff:
         raise InputError(f"--resume {path}: the checkpoint differs in {', '.join(diff)}")
+    ck["path"] = path
     return ck
 
 
@@ -801,11 +802,9 @@ def mean_loss(loss: torch.Tensor, d: Dist, step: int) -> float:
     return v
 
 
-def train(cfg: Config, d: Dist, log: Log, resume: str | None = None, ck: dict | None = None) -> tuple[GPT, dict]:
-    """Trains from scratch, or from the checkpoint at `resume` (`ck`: that checkpoint, if main already loaded it)."""
+def train(cfg: Config, d: Dist, log: Log, ck: dict | None = None) -> tuple[GPT, dict]:
+    """Trains from scratch, or on from `ck` (load_checkpoint's, checked against cfg before any work)."""
     torch.manual_seed(cfg.seed)
-    if resume and ck is None:
-        ck = load_checkpoint(resume, d.device, cfg)  # a bad or mismatched one fails before any work
     model = GPT(cfg).to(d.device)
     for p in model.parameters():  # one initialization for all ranks, whatever their RNG did
         if d.world > 1:
@@ -834,7 +833,7 @@ def train(cfg: Config, d: Dist, log: Log, resume: str | None = None, ck: dict | 
         loader.load_state(ck["loader"])
         avg.load_state_dict(ck["avg"], d.device)
         step, train_time = int(ck["step"]), float(ck["train_time"])
-        log(f"resumed:{resume} step:{step} train_time:{train_time * 1000:.0f}ms")
+        log(f"resumed:{ck['path']} step:{step} train_time:{train_time * 1000:.0f}ms")
     log(f"train_batch_tokens:{cfg.train_batch_tokens} seq_len:{cfg.train_seq_len} micro_batch_seqs:{loader.m} "
         f"grad_accum:{loader.accum} iterations:{cfg.iterations} max_wallclock_seconds:{cfg.max_wallclock_seconds}")
     val = None
@@ -1337,8 +1336,8 @@ def final_eval(model: GPT, cfg: Config, d: Dist, log: Log, save_nll: str | None)
     results = {"roundtrip": evaluate(model, val, cfg, d, cfg.eval_seq_len, "roundtrip", log=log)}
     rt = d.agree_max(results["roundtrip"]["seconds"])
     est = eval_plan(cfg, val.n, rt)
-    order = [owner] + [m for m in ("sliding", "ttt", slot_name) if m != owner and
-                       (m == "sliding" or (m == "ttt" and cfg.ttt) or (m == slot_name and cfg.slot != "off"))]
+    enabled = {"sliding": True, "ttt": bool(cfg.ttt), slot_name: cfg.slot != "off"}
+    order = [owner] + [m for m, on in enabled.items() if on and m != owner]
     log(f"eval_plan: budget:{cfg.eval_budget_s:.0f}s roundtrip:{rt:.1f}s then " +
         " ".join(f"{m}:~{est[m]:.1f}s" for m in order) + f" (the score: {owner}, always run)")
     skipped = []
@@ -1447,7 +1446,7 @@ def main(argv: list[str] | None = None) -> None:
             final_eval(model, cfg, d, log, args.save_nll)
             return
         fast.select_mlp_kernels(cfg.fused_kernels, cfg.cutlass_mlp, d.device, log)
-        model, train_info = train(cfg, d, log, args.resume, ck)
+        model, train_info = train(cfg, d, log, ck)
         evaluate(model, ValData(cfg), cfg, d, cfg.eval_seq_len, "raw", log=log)
         path, art = write_artifact(model, cfg, d, log)
         t = time.perf_counter()

@@ -452,7 +452,8 @@ def test_resume_is_bit_exact(tmp_path, final_weights):
     tg.train(smoke_cfg(straight, **flags), dist1(), quiet_log(straight / "train.log"))
     ck = straight / "ckpt_step000003.pt"
     assert ck.exists() and (straight / "ckpt_step000006.pt").exists()
-    _, info = tg.train(smoke_cfg(resumed, **flags), dist1(), quiet_log(resumed / "train.log"), resume=str(ck))
+    _, info = tg.train(smoke_cfg(resumed, **flags), dist1(), quiet_log(resumed / "train.log"),
+                       tg.load_checkpoint(str(ck), torch.device("cpu"), smoke_cfg(resumed, **flags)))
     assert info["steps"] == 6
     a = torch.load(straight / "model.pt", weights_only=True)["model"]
     b = torch.load(resumed / "model.pt", weights_only=True)["model"]
@@ -477,7 +478,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     ck = tmp_path / "a" / "ckpt_step000002.pt"
     other = smoke_cfg(tmp_path / "b", model_dim=128, num_layers=5, mlp_mult=3.0, matrix_lr=0.01, **flags)
     with pytest.raises(tg.InputError) as e:
-        tg.train(other, dist1(), quiet_log(), resume=str(ck))
+        tg.load_checkpoint(str(ck), torch.device("cpu"), other)
     assert str(e.value) == (f"--resume {ck}: the checkpoint differs in NUM_LAYERS (checkpoint 4, now 5), "
                             "MODEL_DIM (checkpoint 64, now 128), MLP_MULT (checkpoint 2.0, now 3.0)")
 
@@ -489,8 +490,8 @@ def test_resume_from_an_earlier_checkpoint_keeps_its_new_checkpoints(tmp_path):
     tg.train(smoke_cfg(tmp_path, **flags), dist1(), quiet_log())
     (tmp_path / "ckpt_step000009.pt").write_bytes((tmp_path / "ckpt_step000006.pt").read_bytes())
     six = (tmp_path / "ckpt_step000006.pt").stat().st_mtime_ns
-    tg.train(smoke_cfg(tmp_path, **{**flags, "save_every": 1}), dist1(), quiet_log(),
-             resume=str(tmp_path / "ckpt_step000003.pt"))
+    cfg = smoke_cfg(tmp_path, **{**flags, "save_every": 1})
+    tg.train(cfg, dist1(), quiet_log(), tg.load_checkpoint(str(tmp_path / "ckpt_step000003.pt"), torch.device("cpu"), cfg))
     assert sorted(p.name for p in tmp_path.glob("ckpt_step*.pt")) == [
         "ckpt_step000005.pt", "ckpt_step000006.pt", "ckpt_step000009.pt"]
     assert (tmp_path / "ckpt_step000006.pt").stat().st_mtime_ns != six  # the resumed run's own step 6
