@@ -133,7 +133,8 @@ class Config:
 
 PRESETS: dict[str, dict] = {
     # the 8xH100 record recipe: the seed's, plus what won its A/B on proxy100 (README, "Score experiments")
-    "h100": dict(eval_seq_len=2048, mlp_up_alphabet=16, mlp_mult=3.5, warmup_by_clock=1),
+    "h100": dict(eval_seq_len=2048, mlp_up_alphabet=16, mlp_mult=3.5, warmup_by_clock=1, vo_alphabet=64,
+                 bigram_vocab=3072),
     "v61": {},  # the seed's recipe exactly (spec §2-§5): Config's defaults
     "3090": dict(  # unlimited-compute recipe of PR #1123 (spec §7.1): 10k iterations, no clock
         train_batch_tokens=524288, train_seq_len=1024, micro_batch_seqs=16, iterations=10000,
