@@ -16,6 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import hq_data as hd  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 DATA = ROOT / "data" / "datasets" / "fineweb_tiny_sp1024"
@@ -46,7 +47,20 @@ def quiet_log(path=None) -> tg.Log:
     return tg.Log(dist1(), str(path) if path else None)
 
 
-def write_shard(path, tokens, *, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, n=None, drop_bytes=0) -> Path:
+GOOD = np.arange(2000) % 1024
+
+BAD_SHARDS = {  # name -> (write_shard kwargs, words the message must contain)
+    "wrong_magic": (dict(tokens=GOOD, magic=20240521), "bad magic"),
+    "wrong_version": (dict(tokens=GOOD, version=7), "bad magic/version"),
+    "truncated_tokens": (dict(tokens=GOOD, drop_bytes=2), "header says 2000 tokens"),
+    "extra_bytes": (dict(tokens=GOOD, n=1999), "header says 1999 tokens"),
+    "truncated_header": (dict(tokens=GOOD, drop_bytes=1024 + 2 * 2000 - 100), "truncated header"),
+    "id_out_of_vocab": (dict(tokens=np.where(np.arange(2000) == 1234, 1024, GOOD)), "token id 1024 at position 1234"),
+    "no_tokens": (dict(tokens=np.zeros(0, np.int64)), "holds no tokens"),
+}
+
+
+def write_shard(path, tokens, *, magic=hd.SHARD_MAGIC, version=hd.SHARD_VERSION, n=None, drop_bytes=0) -> Path:
     """A shard in the competition format; `n`, `magic`, `version`, `drop_bytes` let tests break it."""
     tokens = np.asarray(tokens)
     header = np.zeros(256, dtype="<i4")
@@ -60,7 +74,7 @@ def write_shard(path, tokens, *, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION,
 
 def val_tokens(n: int) -> np.ndarray:
     """The first n tokens of the bundled val shard (real text, so models have something to learn)."""
-    return np.array(tg.shard_tokens(str(DATA / "fineweb_val_000000.bin"), 1024)[:n], dtype=np.uint16)
+    return np.array(hd.shard_tokens(str(DATA / "fineweb_val_000000.bin"), 1024)[:n], dtype=np.uint16)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
