@@ -66,6 +66,12 @@ class Config:
     ve_layers: str = "9,10"
     qk_gain_init: float = 2.0
     logit_softcap: float = 15.0
+    # candidates of PR #1204 (off by default): from block PARALLEL_FROM on, attention and MLP read separate residual
+    # lanes and write both through learned weights; the consecutive RECUR_LAYERS run a second time once RECUR_START
+    # of training (a fraction of the clock, or of ITERATIONS) has passed, since the extra blocks slow every step
+    parallel_from: int = 0
+    recur_layers: str = ""
+    recur_start: float = 0.5
     # quantizer alphabet per matrix group, trained with QAT and stored as is (spec §2.6, §3): 5 is pentanary
     # {-2..2}; 2^k is int-k. Bigger alphabets cost artifact bytes and buy a less constrained model.
     qk_alphabet: int = 64
@@ -194,10 +200,16 @@ def check_config(cfg: Config) -> None:
         need(v >= 0 or k == "qk_gain_init", f"{k.upper()} must not be negative (got {v})")
     for k in ("muon_momentum", "muon_momentum_warmup_start", "ema_decay", "ttt_momentum"):
         need(getattr(cfg, k) <= 1, f"{k.upper()} must be in [0, 1] (got {getattr(cfg, k)})")
-    try:
-        ve_layer_ids(cfg)
-    except ValueError:
-        raise InputError(f"VE_LAYERS {cfg.ve_layers!r} is not a comma-separated list of layer numbers") from None
+    for name, ids in (("VE_LAYERS", ve_layer_ids), ("RECUR_LAYERS", recur_layer_ids)):
+        try:
+            ids(cfg)
+        except ValueError:
+            raise InputError(f"{name} {getattr(cfg, name.lower())!r} is not a comma-separated list of layer numbers") from None
+    rec = recur_layer_ids(cfg)
+    need(rec == list(range(rec[0], rec[0] + len(rec))) and 0 <= rec[0] and rec[-1] < cfg.num_layers if rec else True,
+         f"RECUR_LAYERS {cfg.recur_layers!r} must be consecutive ascending layers within 0..{cfg.num_layers - 1}")
+    need(cfg.recur_start <= 1, f"RECUR_START must be in [0, 1] (got {cfg.recur_start})")
+    need(0 <= cfg.parallel_from < cfg.num_layers, f"PARALLEL_FROM must be in 0..{cfg.num_layers - 1} (0: off)")
     need(cfg.model_dim % cfg.num_heads == 0, "MODEL_DIM must be a multiple of NUM_HEADS")
     need(cfg.num_heads % cfg.num_kv_heads == 0, "NUM_HEADS must be a multiple of NUM_KV_HEADS")
     need(cfg.rope_dims % 2 == 0 and cfg.rope_dims <= cfg.model_dim // cfg.num_heads, "ROPE_DIMS must be even and <= head dim")
@@ -235,11 +247,15 @@ def ve_layer_ids(cfg: Config) -> list[int]:
     return [int(s) for s in cfg.ve_layers.split(",") if s.strip()]
 
 
+def recur_layer_ids(cfg: Config) -> list[int]:
+    return [int(s) for s in cfg.recur_layers.split(",") if s.strip()]
+
+
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "qk_gain_init", "logit_softcap", "residual_dtype",
-                "qk_alphabet", "vo_alphabet", "mlp_up_alphabet", "mlp_down_alphabet")
+                "qk_alphabet", "vo_alphabet", "mlp_up_alphabet", "mlp_down_alphabet", "parallel_from", "recur_layers")
 MODEL_FIELDS_ADDED = {"residual_dtype": "fp32", "qk_alphabet": 64, "vo_alphabet": 32, "mlp_up_alphabet": 5,
-                      "mlp_down_alphabet": 16}  # what artifacts written before a field existed were made with
+                      "mlp_down_alphabet": 16, "parallel_from": 0, "recur_layers": ""}  # what artifacts written before a field existed were made with
 # what an artifact's scores depend on besides its weights: recorded in it; --eval-only uses them unless set
 EVAL_FIELDS = ("eval_seq_len", "eval_stride", "ttt", "ttt_optimizer", "ttt_lr", "ttt_epochs", "ttt_chunk_tokens",
                "ttt_momentum", "ttt_freeze_blocks", "ttt_grad_clip", "slot", "slot_steps", "slot_lr", "slot_lr_min")
@@ -398,14 +414,23 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.lanes = 0 < cfg.parallel_from <= layer
+        if self.lanes:  # attn->attn lane, attn->mlp lane, mlp->attn lane, mlp->mlp lane; all 1: a plain block
+            self.lane_weights = nn.Parameter(torch.ones(4))
 
-    def forward(self, x, x0, rope, v0, ve):
+    def forward(self, x, x0, rope, v0, ve, xm=None):
+        """x: the residual stream (with lanes: attention's lane; xm: the MLP's lane, else None)."""
         mix, dt = self.resid_mix.to(x.dtype), x.dtype  # fp32 scales would promote a bf16 stream back to fp32
         x = mix[0] * x + mix[1] * x0
         a, v = self.attn(rms_norm(x) * self.ln_scale, rope, v0, ve, self.attn_scale)
-        x = x + a.to(dt)
-        x = x + self.mlp(rms_norm(x) * self.ln_scale, self.mlp_scale).to(dt)
-        return x, v
+        if not self.lanes:
+            x = x + a.to(dt)
+            return x + self.mlp(rms_norm(x) * self.ln_scale, self.mlp_scale).to(dt), v, None
+        w, a = self.lane_weights.to(dt), a.to(dt)
+        xm = x if xm is None else mix[0] * xm + mix[1] * x0  # the first such block forks the stream
+        x, xm = x + w[0] * a, xm + w[1] * a
+        m = self.mlp(rms_norm(xm) * self.ln_scale, self.mlp_scale).to(dt)
+        return x + w[2] * m, v, xm + w[3] * m
 
 
 class GPT(nn.Module):
@@ -425,6 +450,8 @@ class GPT(nn.Module):
         self.ve_scale = nn.Parameter(torch.tensor(0.1))
         self.ve_layers = ve_layer_ids(cfg)
         self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        self.recur = recur_layer_ids(cfg)
+        self.recur_active = bool(self.recur)  # training turns it on at RECUR_START; a loaded model runs as exported
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.n_enc = cfg.num_layers // 2
         self.skip_weights = nn.Parameter(torch.full((min(self.n_enc, cfg.num_layers - self.n_enc), dim), 0.1))
@@ -472,17 +499,22 @@ class GPT(nn.Module):
                 else rope_tables(T, cfg.rope_dims, ids.device))
         x0 = x
         ve_base = self.ve_scale * self.ve_proj(self.ve_embed(ids))
-        skips, v0 = [], None
+        skips, v0, xm = [], None, None
         for i, block in enumerate(self.blocks):
             if i >= self.n_enc and skips:
-                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+                s = self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+                x, xm = x + s, None if xm is None else xm + s
             ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
-            x, v = block(x, x0, rope, v0, ve)
+            x, v, xm = block(x, x0, rope, v0, ve, xm)
             if i == 0:
                 v0 = v
             if i < self.n_enc:
                 skips.append(x)
-        return rms_norm(x)
+            if self.recur_active and i == self.recur[-1]:  # the second pass: no skip pushed or taken
+                for j in self.recur:
+                    ve = ve_base * self.ve_layer_scales[self.ve_layers.index(j)] if j in self.ve_layers else None
+                    x, _, xm = self.blocks[j](x, x0, rope, v0, ve, xm)
+        return rms_norm(x if xm is None else 0.5 * (x + xm))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         c = self.cfg.logit_softcap
@@ -510,6 +542,11 @@ def warmup_step(cfg: Config, step: int, elapsed: float) -> float:
     if cfg.warmup_by_clock and cfg.max_wallclock_seconds > 0:
         return elapsed / cfg.max_wallclock_seconds * cfg.iterations
     return step
+
+
+def recur_due(cfg: Config, step: int, elapsed: float) -> bool:
+    frac = elapsed / cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else step / cfg.iterations
+    return frac >= cfg.recur_start
 
 
 def lr_scale(cfg: Config, step: int, elapsed: float) -> float:
@@ -684,6 +721,7 @@ def train(cfg: Config, d: Dist, log: Log, ck: dict | None = None) -> tuple[GPT, 
         snapshot = {k: v.clone() for k, v in model.state_dict().items()}
         opt, loader = Optimizers(model, cfg, d), TrainLoader(cfg, d)
         for s in range(cfg.compile_warmup_steps):
+            model.recur_active = bool(model.recur) and s % 2 == 1  # both graphs compile before the clock
             forward_backward(fwd, loader.next_step(), d)
             opt.step(s, lr_scale(cfg, s, 0.0))
             opt.zero_grad()
@@ -707,10 +745,14 @@ def train(cfg: Config, d: Dist, log: Log, ck: dict | None = None) -> tuple[GPT, 
         val = ValData(cfg)
     first_step = step
     clock = StepClock(d, train_time, step)
+    model.recur_active = False
     while True:
         elapsed = clock.next_start(step)  # every rank uses the same clock: same lr, same stop step
         if step >= cfg.iterations or 0 < cfg.max_wallclock_seconds <= elapsed:
             break
+        if model.recur and not model.recur_active and recur_due(cfg, step, elapsed):
+            model.recur_active = True
+            log(f"recur: layers {cfg.recur_layers} run twice from step {step} ({elapsed:.1f}s)")
         scale, warm_step = lr_scale(cfg, step, elapsed), warmup_step(cfg, step, elapsed)
         loss = forward_backward(fwd, loader.next_step(), d)
         opt.step(warm_step, scale)
@@ -800,7 +842,10 @@ def build_artifact(model: GPT, cfg: Config) -> tuple[bytes, list]:
         return (q + a // 2).to(torch.uint8).numpy(), scale.numpy()
     qnames = quantized_tensors(model, cfg)
     tensors = [(k, v.detach().float().cpu().numpy(), qnames.get(k)) for k, v in model.state_dict().items()]
-    return hq_artifact.pack(tensors, {k: getattr(cfg, k) for k in MODEL_FIELDS + EVAL_FIELDS}, quantize, group_name)
+    mc = {k: getattr(cfg, k) for k in MODEL_FIELDS + EVAL_FIELDS}
+    if not model.recur_active:  # a run that stopped before RECUR_START was trained, and is scored, without it
+        mc["recur_layers"] = ""
+    return hq_artifact.pack(tensors, mc, quantize, group_name)
 
 
 def artifact_config(mc: dict) -> Config:
@@ -865,6 +910,7 @@ def load_artifact(path: str, device, evals: dict | None = None) -> tuple[GPT, Co
     model.load_state_dict(sd, strict=True)
     model.set_quantized(False)  # the weights already are the dequantized values
     return model.to(device), mcfg
+
 
 def code_sizes() -> dict:
     """The counted code is the self-extracting train_gpt.py that --pack writes (packing.py): when running packed,

@@ -79,15 +79,62 @@ def test_forward_backward_shapes_and_finite_grads(tmp_path):
             assert p.grad.shape == p.shape and torch.isfinite(p.grad).all(), n
 
 
-def test_gradients_reach_every_block_once_weights_are_nonzero(tmp_path):
+CANDIDATES = [{}, {"parallel_from": 2}, {"recur_layers": "1,2"}, {"parallel_from": 1, "recur_layers": "1,2"}]
+
+
+@pytest.mark.parametrize("flags", CANDIDATES, ids=str)
+def test_gradients_reach_every_block_once_weights_are_nonzero(tmp_path, flags):
     """With non-degenerate weights every parameter (except layer 0's unused lambda) gets a nonzero grad."""
-    cfg = tiny_cfg(tmp_path)
+    cfg = tiny_cfg(tmp_path, **flags)
     model = randomize(tg.GPT(cfg), seed=1, std=0.05)
     ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     model(ids, ids.roll(-1, 1)).backward()
     for n, p in model.named_parameters():
         if n != "blocks.0.attn.vr_lambda":
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
+def _hidden(model, ids):
+    with torch.no_grad():
+        return model.hidden(ids)
+
+
+def test_parallel_lanes_start_as_the_plain_block_and_learn_their_routing(tmp_path):
+    plain = randomize(tg.GPT(tiny_cfg(tmp_path)), seed=3, std=0.05)
+    lanes = tg.GPT(tiny_cfg(tmp_path, parallel_from=2))
+    missing = lanes.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["blocks.2.lane_weights", "blocks.3.lane_weights"]  # 4 weights a block, all 1
+    ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_hidden(lanes, ids), _hidden(plain, ids))
+    with torch.no_grad():
+        lanes.blocks[3].lane_weights.copy_(torch.tensor([1.0, 0.5, 0.0, 1.5]))  # the MLP skips attention's lane
+    assert not torch.allclose(_hidden(lanes, ids), _hidden(plain, ids))
+
+
+def test_depth_recurrence_runs_its_layers_twice_once_active(tmp_path):
+    plain = randomize(tg.GPT(tiny_cfg(tmp_path)), seed=4, std=0.05)
+    rec = tg.GPT(tiny_cfg(tmp_path, recur_layers="1,2"))
+    assert rec.load_state_dict(plain.state_dict()) is not None  # no parameters of its own
+    order = []
+    for i, b in enumerate(rec.blocks):
+        b.register_forward_hook(lambda m, a, o, i=i: order.append(i))
+    ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(1))
+    assert rec.recur_active  # a model built with RECUR_LAYERS runs them (training switches them on late)
+    h = _hidden(rec, ids)
+    assert order == [0, 1, 2, 1, 2, 3] and not torch.allclose(h, _hidden(plain, ids))
+    order.clear()
+    rec.recur_active = False
+    assert torch.equal(_hidden(rec, ids), _hidden(plain, ids)) and order == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("flags,words", [
+    ({"recur_layers": "2,1"}, "RECUR_LAYERS '2,1' must be consecutive"), ({"recur_layers": "1,3"}, "consecutive"),
+    ({"recur_layers": "3,4"}, "within 0..3"), ({"recur_layers": "a"}, "not a comma-separated list"),
+    ({"recur_start": 1.5}, "RECUR_START"), ({"recur_start": -0.1}, "RECUR_START"),
+    ({"parallel_from": 4}, "PARALLEL_FROM must be in 0..3"), ({"parallel_from": -1}, "PARALLEL_FROM")])
+def test_candidate_fields_are_checked(tmp_path, flags, words):
+    with pytest.raises(tg.InputError, match=words):
+        tiny_cfg(tmp_path, **flags)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,9 +271,10 @@ def test_zeropower_ns5_is_approximately_orthogonal(shape):
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("flags", CANDIDATES, ids=str)
 @pytest.mark.parametrize("t", [1, 17, 40, 63])
-def test_model_is_causal(tmp_path, t):
-    cfg = tiny_cfg(tmp_path)
+def test_model_is_causal(tmp_path, t, flags):
+    cfg = tiny_cfg(tmp_path, **flags)
     model = randomize(tg.GPT(cfg), seed=t, std=0.08).eval()
     g = torch.Generator().manual_seed(100 + t)
     ids = torch.randint(2, cfg.vocab_size, (2, 64), generator=g)

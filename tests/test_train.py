@@ -50,6 +50,34 @@ def test_train_writes_model_pt_and_rotates_checkpoints(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temp files
 
 
+def test_recur_due_by_clock_or_by_iterations(tmp_path):
+    cfg = smoke_cfg(tmp_path, recur_layers="1,2", recur_start=0.5)  # 30 iterations, no clock
+    assert [tg.recur_due(cfg, s, 0.0) for s in (0, 14, 15, 29)] == [False, False, True, True]
+    cfg = smoke_cfg(tmp_path, recur_layers="1,2", recur_start=0.25, max_wallclock_seconds=100.0)
+    assert [tg.recur_due(cfg, 999, e) for e in (0.0, 24.9, 25.0)] == [False, False, True]
+
+
+@pytest.mark.parametrize("start,on_step", [(0.5, 3), (1.0, None)])
+def test_recurrence_turns_on_at_recur_start_and_the_artifact_runs_as_trained(tmp_path, start, on_step):
+    cfg = smoke_cfg(tmp_path, iterations=6, warmdown_iters=2, recur_layers="1,2", recur_start=start, parallel_from=2)
+    model, info = tg.train(cfg, dist1(), quiet_log(tmp_path / "t.log"))
+    text = (tmp_path / "t.log").read_text()
+    assert info["steps"] == 6 and all(math.isfinite(v) for v in parse_steps(text).values())
+    assert ("recur: layers 1,2 run twice from step 3 " in text) == (on_step == 3) and text.count("recur:") <= 1
+    assert model.recur_active == (on_step is not None)
+    payload, _ = tg.build_artifact(model, cfg)
+    mcfg, sd = tg.parse_artifact(payload, "a.hqa")
+    assert mcfg.recur_layers == ("1,2" if on_step else "") and mcfg.parallel_from == 2
+    loaded = tg.GPT(mcfg)
+    loaded.load_state_dict(sd)
+    loaded.set_quantized(False)
+    ids = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    assert loaded.recur_active == model.recur_active
+    with torch.no_grad():  # equal up to the fp16 storage of the unquantized parameters
+        assert (loaded.hidden(ids) - model.hidden(ids)).abs().max() < 0.01
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad input: a clear InputError naming the culprit
 # ---------------------------------------------------------------------------------------------------
