@@ -1329,9 +1329,16 @@ def main(argv: list[str] | None = None) -> None:
         cfg = build_config(args.preset, {f.name: getattr(args, f.name) for f in fields(Config)})
         d = init_dist()
         inductor_mode = fast.tune_inductor(d.device)
-        if not args.eval_only:  # the inputs, before the run folder is touched
-            d.agree(lambda: check_tokenizer(cfg))
-            check_shards(shard_files(cfg.data_path, "train") + shard_files(cfg.data_path, "val"), cfg.vocab_size, d)
+        evals = {}
+        if args.eval_only:  # the artifact sets the model (and its vocabulary) that the inputs are checked against
+            t = time.perf_counter()
+            model, mcfg = d.agree(lambda: load_artifact(args.eval_only, d.device, evals))
+            load_s = time.perf_counter() - t
+            for k in MODEL_FIELDS:
+                setattr(cfg, k, getattr(mcfg, k))
+        d.agree(lambda: check_tokenizer(cfg))  # the inputs, before the run folder is touched
+        check_shards(shard_files(cfg.data_path, "val") + ([] if args.eval_only else shard_files(cfg.data_path, "train")),
+                     cfg.vocab_size, d)
         # a bad or mismatched --resume checkpoint is refused before the run folder is touched, on every rank alike
         ck = d.agree(lambda: load_checkpoint(args.resume, d.device, cfg)) if args.resume and not args.eval_only else None
         ours = ("eval.log",) if args.eval_only else () if args.resume else RUN_FILES  # a resumed run continues its folder
@@ -1340,11 +1347,6 @@ def main(argv: list[str] | None = None) -> None:
         log(f"inductor:{inductor_mode}")
         log(claimed)
         if args.eval_only:
-            t = time.perf_counter()
-            evals = {}
-            model, mcfg = load_artifact(args.eval_only, d.device, evals)
-            for k in MODEL_FIELDS:
-                setattr(cfg, k, getattr(mcfg, k))
             given = {k for k in EVAL_FIELDS if os.environ.get(k.upper()) is not None or getattr(args, k) is not None}
             changed = " ".join(f"{k.upper()}={getattr(cfg, k)}(artifact:{v})" for k, v in evals.items()
                                if k in given and v != getattr(cfg, k))
@@ -1353,7 +1355,7 @@ def main(argv: list[str] | None = None) -> None:
                     setattr(cfg, k, v)
             log("eval_settings: " + ("the artifact's" if evals else "the preset's (this artifact records none)") +
                 f" overridden:{changed or 'none'}")
-            log(f"eval_phase:load_artifact {time.perf_counter() - t:.1f}s path:{args.eval_only} "
+            log(f"eval_phase:load_artifact {load_s:.1f}s path:{args.eval_only} "
                 f"bytes:{os.path.getsize(args.eval_only)} model_params:{sum(p.numel() for p in model.parameters())}")
             final_eval(model, cfg, d, log, args.save_nll)
             return

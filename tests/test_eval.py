@@ -170,12 +170,25 @@ def test_cli_eval_only_uses_the_artifacts_eval_settings(tmp_path, trained, small
     assert sliding(logs["stride"]) != sliding(logs["run"])
 
 
-def test_cli_eval_only_refuses_bad_artifact(tmp_path, capsys):
+def test_cli_eval_only_checks_its_inputs_before_the_run_folder(tmp_path, trained, small_data, capsys):
+    """A bad artifact, tokenizer or val folder is refused (one error line, exit 2) before eval.log exists, so the
+    corrected retry into the same folder is not refused as a folder that holds an evaluation."""
+    cfg = copy.deepcopy(trained["cfg"])
+    cfg.run_dir = str(tmp_path / "art")
+    path, _ = tg.write_artifact(trained["model"], cfg, dist1(), quiet_log())
     bad = tmp_path / "x.hqa"
     bad.write_bytes(b"garbage")
-    with pytest.raises(SystemExit) as e:
-        tg.main(["--preset", "smoke", "--eval-only", str(bad), "--run-dir", str(tmp_path / "ev")])
-    assert e.value.code == 2 and str(bad) in capsys.readouterr().err
+    out = tmp_path / "ev"
+    base = ["--preset", "smoke", "--run-dir", str(out), "--ttt", "0", "--slot", "off"]
+    good = {"--eval-only": path, "--data-path": str(small_data), "--tokenizer-path": str(TOKENIZER)}
+    for flag, value, words in (("--eval-only", str(bad), str(bad)), ("--tokenizer-path", str(tmp_path / "no.model"),
+                               "TOKENIZER_PATH"), ("--data-path", str(tmp_path), "no val shards")):
+        with pytest.raises(SystemExit) as e:
+            tg.main(base + [x for k, v in (good | {flag: value}).items() for x in (k, v)])
+        assert e.value.code == 2 and words in capsys.readouterr().err
+        assert not (out / "eval.log").exists()
+    tg.main(base + [x for kv in good.items() for x in kv])
+    assert "final_sliding" in (out / "eval.log").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------
