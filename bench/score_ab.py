@@ -10,7 +10,9 @@ DIR/arms.txt (the arms in order: the table's first is the reference) and DIR/NAM
 NAME@ARM=K=V re-evaluates ARM's artifacts with other eval settings (--eval-only): no training. Runs go in
 order arm by arm within a seed, seed by seed; one that would not finish inside --budget-s (judged by the
 slowest run so far) is skipped and listed, and so is one whose folder already holds its log (run again to finish
-a plan). Needs DATA_PATH and TOKENIZER_PATH in the environment.
+a plan). --slim deletes what a finished run's folder holds beyond its results (model.pt, checkpoints, the .out
+copy of its log; a failed run keeps all): a GPU call's output folder comes back only with few, small files.
+Needs DATA_PATH and TOKENIZER_PATH in the environment.
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ def run_one(cmd: list[str], env: dict, run_dir: Path, log_name: str) -> tuple[in
     with open(run_dir / f"{log_name}.out", "w") as out:
         rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
     return rc, time.time() - t0
+
+
+def slim(run_dir: Path, kind: str) -> None:
+    for p in [run_dir / "model.pt", run_dir / f"{kind}.out", *run_dir.glob("ckpt_step*.pt")]:
+        p.unlink(missing_ok=True)
 
 
 def load_run(d: Path) -> dict | None:
@@ -131,6 +138,7 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="h100")
     ap.add_argument("--budget-s", type=float, default=math.inf, help="skip runs that would end after this")
     ap.add_argument("--report", nargs="+", metavar="DIR", help="only print the table of these folders")
+    ap.add_argument("--slim", action="store_true", help="keep only a finished run's results (log, NLL, artifact, json)")
     args = ap.parse_args(argv)
     data, tok = os.environ.get("DATA_PATH"), os.environ.get("TOKENIZER_PATH")
     if args.report:
@@ -177,6 +185,8 @@ def main(argv=None) -> None:
             env = {**base_env, **env}
             cmd += ["--eval-only", str(art.resolve())]
         rc, secs = run_one(cmd, {**env, **common}, run_dir, kind)
+        if args.slim and rc == 0:
+            slim(run_dir, kind)
         slowest[kind] = max(slowest[kind], secs)
         r = load_run(run_dir) if kind == "train" else None
         print(f"[{i + 1}/{len(plan)}] {run_dir.name} rc:{rc} {secs:.0f}s "

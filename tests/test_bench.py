@@ -106,3 +106,21 @@ def test_score_ab_skips_runs_already_done(tmp_path, monkeypatch, capsys):
     score_ab.main(["--out", str(tmp_path), "--arm", "a=", "--seeds", "1"])
     out = capsys.readouterr().out
     assert "skipped (budget, missing input or already run): a_s1 (already run)" in out and "1.60000" in out
+
+
+@pytest.mark.parametrize("rc", [0, 1])
+def test_score_ab_slim_keeps_a_finished_runs_results_only(tmp_path, monkeypatch, capsys, rc):
+    """A GPU call's output folder comes back only with few files: --slim drops model.pt, checkpoints and the
+    stdout copy of a finished run, and keeps everything of a failed one (its traceback is in train.out)."""
+    def fake_run_one(cmd, env, run_dir, log_name):
+        _fake_run(run_dir, 1.61, 1.60)
+        for f in ("model.pt", "ckpt_step000010.pt", "train.out", "model.hqa", "nll.npy", "submission.json"):
+            (run_dir / f).write_text("x")
+        return rc, 1.0
+    monkeypatch.setenv("DATA_PATH", str(ROOT / "data" / "datasets" / "fineweb_tiny_sp1024"))
+    monkeypatch.setenv("TOKENIZER_PATH", str(ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"))
+    monkeypatch.setattr(score_ab, "run_one", fake_run_one)
+    score_ab.main(["--out", str(tmp_path), "--arm", "a=", "--seeds", "1", "--slim"])
+    kept = sorted(p.name for p in (tmp_path / "a_s1").iterdir())
+    assert kept == (["model.hqa", "nll.npy", "submission.json", "train.log"] if rc == 0 else
+                    ["ckpt_step000010.pt", "model.hqa", "model.pt", "nll.npy", "submission.json", "train.log", "train.out"])
