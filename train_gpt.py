@@ -115,7 +115,9 @@ class Config:
     val_every: int = 0
     save_every: int = 0
     # artifact (spec §3-4)
-    embed_bits: int = 16  # 16: tok_emb stored fp16; 6: int6 per-row (spec V62)
+    # the embedding tables are trained without QAT; their storage: 16 fp16, else int-k per row after training
+    embed_bits: int = 16  # tok_emb: 16, 8 or 6 (spec V62: 6)
+    table_bits: int = 16  # the BigramHash and value-embedding tables: 16 or 8
     compressor: str = "lzma"  # lzma | zstd
     # evaluation (spec §5)
     eval_seq_len: int = 1024
@@ -218,7 +220,8 @@ def check_config(cfg: Config) -> None:
     need(cfg.residual_dtype in ("bf16", "fp32"), "RESIDUAL_DTYPE must be bf16 or fp32")
     need(cfg.final_weights in ("swa", "ema", "live"), "FINAL_WEIGHTS must be swa, ema or live")
     need(cfg.compressor in ("lzma", "zstd"), "COMPRESSOR must be lzma or zstd")
-    need(cfg.embed_bits in (16, 6), "EMBED_BITS must be 16 (fp16) or 6")
+    need(cfg.embed_bits in (16, 8, 6), "EMBED_BITS must be 16 (fp16), 8 or 6")
+    need(cfg.table_bits in (16, 8), "TABLE_BITS must be 16 (fp16) or 8")
     for k in ("qk_alphabet", "vo_alphabet", "mlp_up_alphabet", "mlp_down_alphabet"):
         need(getattr(cfg, k) in ALPHABETS, f"{k.upper()} must be one of {', '.join(map(str, ALPHABETS))} "
              f"(5: pentanary, 2^k: int-k; got {getattr(cfg, k)})")
@@ -820,7 +823,7 @@ SIZE_CAP = 16_000_000
 CODE_FILES = ("train_gpt.py", "hq_dist.py", "fused_kernels.py", "cutlass_mlp.cu", "hq_optim.py", "rans_codec.py",
               "hq_artifact.py", "hq_adapt.py", "hq_data.py")  # the code a run uses, packed
 GROUP_ROLES = {"c_q": "q/k", "c_k": "q/k", "c_v": "v/o", "proj": "v/o", "up": "mlp-up", "down": "mlp-down",
-               "tok_emb": "tok_emb"}  # a stored matrix's group in the size table: its module's role
+               "tok_emb": "tok_emb", "bigram_embed": "bigram", "ve_embed": "value-emb"}  # a matrix's size-table group
 
 
 def group_name(tensor: str, alphabet: int) -> str:
@@ -830,8 +833,10 @@ def group_name(tensor: str, alphabet: int) -> str:
 def quantized_tensors(model: GPT, cfg: Config) -> dict[str, int]:
     """Name -> alphabet of every tensor stored as quantized symbols."""
     out = {f"{n}.weight": m.alphabet for n, m in model.named_modules() if isinstance(m, QATLinear)}
-    if cfg.embed_bits == 6:
-        out["tok_emb.weight"] = INT6  # post-training, per vocab row (spec V62)
+    if cfg.embed_bits != 16:
+        out["tok_emb.weight"] = 2 ** cfg.embed_bits  # post-training, per vocab row (spec V62)
+    if cfg.table_bits != 16:
+        out.update({"bigram_embed.weight": 2 ** cfg.table_bits, "ve_embed.weight": 2 ** cfg.table_bits})
     return out
 
 
@@ -862,7 +867,7 @@ def artifact_config(mc: dict) -> Config:
 def check_artifact_model(cfg: Config, table: list, dim_cap: int, total: int) -> None:
     """After hq_artifact.check_table, the table against the model its config describes (on the meta device, its
     size first bounded by the table): names in its state-dict order, its shapes, and its quantized matrices
-    with its alphabets (other quantized tensors, tok_emb with EMBED_BITS=6, may differ)."""
+    with its alphabets (the tables quantized after training, EMBED_BITS and TABLE_BITS, may differ)."""
     # every layer has tensors, model_dim sizes fp16 gains and quantized rows (inside the blob) and a
     # dim x dim matrix: so building the model (meta device, but rope tables on the CPU) stays cheap
     if cfg.num_layers > len(table) or cfg.model_dim > dim_cap or cfg.model_dim ** 2 > total:

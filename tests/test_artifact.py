@@ -1,6 +1,7 @@
 """Quantization and artifact section: exact round trip, both compressors, int6 embeddings, refusal of
 corrupted / truncated / foreign / pickle-bearing files, the size cap, the size table."""
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ def expected_state(model, cfg):
 
 def qat_reference(model, cfg):
     """The trained model as training saw it: QAT forward, passthrough params rounded to fp16
-    (and, with embed_bits=6, the embedding replaced by its int6 round trip)."""
+    (and the tables stored as integers, EMBED_BITS/TABLE_BITS, replaced by their round trip)."""
     ref = copy.deepcopy(model)
     ref.set_quantized(True)
     exp = expected_state(ref, cfg)
@@ -94,22 +95,26 @@ def test_lzma_and_zstd_both_load_identically(artifact):
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
 
 
-def test_embed_bits_6(trained, tmp_path, ids):
-    cfg6 = copy.deepcopy(trained["cfg"])
-    cfg6.embed_bits = 6
+@pytest.mark.parametrize("flags,groups", [({"embed_bits": 6}, ["int6 tok_emb"]), ({"embed_bits": 8}, ["int8 tok_emb"]),
+                                          ({"table_bits": 8}, ["int8 bigram", "int8 value-emb"])])
+def test_embedding_tables_stored_as_integers(trained, tmp_path, ids, flags, groups):
+    cfg6 = dataclasses.replace(trained["cfg"], **flags)
     model = trained["model"]
-    assert tg.quantized_tensors(model, cfg6)["tok_emb.weight"] == tg.INT6
+    qnames = tg.quantized_tensors(model, cfg6)
+    stored = {"tok_emb.weight"} if "embed_bits" in flags else {"bigram_embed.weight", "ve_embed.weight"}
+    assert all(qnames[k] == 2 ** next(iter(flags.values())) for k in stored)
     payload6, table6 = tg.build_artifact(model, cfg6)
     payload16, _ = tg.build_artifact(model, trained["cfg"])
-    assert len(payload6) < len(payload16) - 50_000  # 1024x64 embedding: 2 bytes -> ~6 bits per weight
-    assert "int6 tok_emb" in [g for g, *_ in table6]
+    saved = sum(2 * getattr(model, k.split(".")[0]).weight.numel() * (1 - next(iter(flags.values())) / 16) for k in stored)
+    assert len(payload6) < len(payload16) - 0.8 * saved  # 2 bytes -> int-k symbols (and a scale per row)
+    assert set(groups) <= {g for g, *_ in table6}
     path = tmp_path / "model.hqa"
     path.write_bytes(ha.compress(payload6, "zstd"))
     loaded, _ = tg.load_artifact(str(path), torch.device("cpu"))
     exp = expected_state(model, cfg6)
     assert all(torch.equal(v, exp[k]) for k, v in loaded.state_dict().items())
-    w = model.tok_emb.weight.detach().float()
-    assert not torch.equal(exp["tok_emb.weight"], w.half().float())
+    for k in stored:
+        assert not torch.equal(exp[k], dict(model.named_parameters())[k].detach().float().half().float())
     ref = qat_reference(model, cfg6)
     with torch.no_grad():
         assert torch.equal(ref.logits(ref.hidden(ids)), loaded.eval().logits(loaded.hidden(ids)))

@@ -1,14 +1,17 @@
-"""Score tooling (bench/paired_test.py, bench/score_ab.py): the significance tests and the A/B table."""
+"""Score tooling (bench/paired_test.py, bench/score_ab.py, bench/quant_probe.py): the significance tests, the A/B
+table, the post-training quantization probe."""
 import math
 import sys
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import ROOT
+from conftest import ROOT, smoke_cfg, tg
 
 sys.path.insert(0, str(ROOT / "bench"))
 import paired_test as pt  # noqa: E402
+import quant_probe  # noqa: E402
 import score_ab  # noqa: E402
 
 
@@ -124,3 +127,22 @@ def test_score_ab_slim_keeps_a_finished_runs_results_only(tmp_path, monkeypatch,
     kept = sorted(p.name for p in (tmp_path / "a_s1").iterdir())
     assert kept == (["model.hqa", "nll.npy", "submission.json", "train.log"] if rc == 0 else
                     ["ckpt_step000010.pt", "model.hqa", "model.pt", "nll.npy", "submission.json", "train.log", "train.out"])
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_quant_probe_requantizes_only_the_named_tables_and_counts_their_bytes(tmp_path, bits):
+    model = tg.GPT(smoke_cfg(tmp_path))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sizes = quant_probe.requantize(model, ["tok_emb.weight", "bigram_embed.weight"], bits)
+    for n, p in model.named_parameters():
+        if n in sizes:  # on the per-row grid: within a step (the top level is clamped; the scale is fp16)
+            step = before[n].abs().amax(1, keepdim=True) / 2 ** (bits - 1)
+            err = (p - before[n]).abs()
+            assert not torch.equal(p, before[n]) and (err <= 1.1 * step).all() and err.mean() < step.mean() / 3
+        else:
+            assert torch.equal(p, before[n]), n
+    rows, cols = model.tok_emb.weight.shape
+    fp16, est = sizes["tok_emb.weight"]
+    assert fp16 == 2 * rows * cols and 2 * rows < est < (bits / 8) * rows * cols + 2 * rows + 1
+    with pytest.raises(SystemExit, match="not a 2-D tensor"):
+        quant_probe.requantize(model, ["smear_gate"], bits)

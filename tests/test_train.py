@@ -188,7 +188,7 @@ def test_build_config_bad_preset():
     ({"train_batch_tokens": 4000}, "TRAIN_BATCH_TOKENS"),
     ({"final_weights": "best"}, "FINAL_WEIGHTS"),
     ({"compressor": "gzip"}, "COMPRESSOR"),
-    ({"embed_bits": 8}, "EMBED_BITS"),
+    ({"embed_bits": 4}, "EMBED_BITS"), ({"table_bits": 6}, "TABLE_BITS"),
     ({"slot": "yes"}, "SLOT"),
     ({"ttt_optimizer": "adam"}, "TTT_OPTIMIZER"),
     ({"eval_stride": 0}, "EVAL_STRIDE"),
