@@ -57,6 +57,24 @@ def test_recur_due_by_clock_or_by_iterations(tmp_path):
     assert [tg.recur_due(cfg, 999, e) for e in (0.0, 24.9, 25.0)] == [False, False, True]
 
 
+def test_compile_warmup_runs_both_recurrence_graphs_before_the_clock(tmp_path, monkeypatch):
+    """torch.compile specializes on recurrence being on or off: the untimed warm-up must trace both, or the
+    switch at RECUR_START would compile inside the timed run."""
+    monkeypatch.setattr(tg.torch, "compile", lambda m, **kw: m)  # CPU: the same calls, uncompiled
+    cfg = smoke_cfg(tmp_path, iterations=4, warmdown_iters=1, recur_layers="1,2", recur_start=0.5, compile=1,
+                    compile_warmup_steps=2)
+    seen = []
+    real_init = tg.GPT.__init__
+
+    def init(self, c):
+        real_init(self, c)
+        self.register_forward_pre_hook(lambda m, args: seen.append(m.recur_active))
+    monkeypatch.setattr(tg.GPT, "__init__", init)
+    tg.train(cfg, dist1(), quiet_log())
+    per_step = [False, True] + [False, False, True, True]  # warm-up (restored after), then the timed steps
+    assert seen == [on for on in per_step for _ in range(tg.TrainLoader(cfg, dist1()).accum)]  # a call per micro-batch
+
+
 @pytest.mark.parametrize("start,on_step", [(0.5, 3), (1.0, None)])
 def test_recurrence_turns_on_at_recur_start_and_the_artifact_runs_as_trained(tmp_path, start, on_step):
     cfg = smoke_cfg(tmp_path, iterations=6, warmdown_iters=2, recur_layers="1,2", recur_start=start, parallel_from=2)
