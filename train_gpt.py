@@ -168,19 +168,23 @@ def _parse_value(text: str, kind: type):
     return int(v)
 
 
+def explicit(name: str, flags: dict | None, env: dict | None = None) -> list[tuple[str, str]]:
+    """(key, text) of each setting of a field, in precedence order: environment variable, then flag."""
+    env = os.environ if env is None else env
+    return [(k, str(src[k])) for src, k in ((env, name.upper()), (flags or {}, name)) if src.get(k) is not None]
+
+
 def build_config(preset: str, flags: dict | None = None, env: dict | None = None) -> Config:
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = Config(**PRESETS[preset])
-    env = os.environ if env is None else env
     for f in fields(Config):
         kind = type(getattr(cfg, f.name))
-        for source, key in ((env, f.name.upper()), (flags or {}, f.name)):
-            if source.get(key) is not None:
-                try:
-                    setattr(cfg, f.name, _parse_value(str(source[key]), kind))
-                except (ValueError, OverflowError):
-                    raise InputError(f"{key}={source[key]!r} is not a valid {kind.__name__}") from None
+        for key, text in explicit(f.name, flags, env):
+            try:
+                setattr(cfg, f.name, _parse_value(text, kind))
+            except (ValueError, OverflowError):
+                raise InputError(f"{key}={text!r} is not a valid {kind.__name__}") from None
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{preset}_s{cfg.seed}"
     check_config(cfg)
@@ -1331,7 +1335,8 @@ def main(argv: list[str] | None = None) -> None:
             except packing.PackError as e:
                 raise InputError(str(e)) from None
             return
-        cfg = build_config(args.preset, {f.name: getattr(args, f.name) for f in fields(Config)})
+        flags = {f.name: getattr(args, f.name) for f in fields(Config)}
+        cfg = build_config(args.preset, flags)
         d = init_dist()
         inductor_mode = fast.tune_inductor(d.device)
         evals = {}
@@ -1352,7 +1357,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"inductor:{inductor_mode}")
         log(claimed)
         if args.eval_only:
-            given = {k for k in EVAL_FIELDS if os.environ.get(k.upper()) is not None or getattr(args, k) is not None}
+            given = {k for k in EVAL_FIELDS if explicit(k, flags)}
             changed = " ".join(f"{k.upper()}={getattr(cfg, k)}(artifact:{v})" for k, v in evals.items()
                                if k in given and v != getattr(cfg, k))
             for k, v in evals.items():
