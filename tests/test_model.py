@@ -127,6 +127,20 @@ def test_depth_recurrence_runs_its_layers_twice_once_active(tmp_path):
     assert torch.equal(_hidden(rec, ids), _hidden(plain, ids)) and order == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("flags", CANDIDATES[1:], ids=str)
+def test_candidates_trace_as_one_graph_each_way(tmp_path, flags):
+    """Training compiles the model with fullgraph=True: dynamo (no inductor, so on CPU) must capture it whole,
+    recurrence off and on, and match the eager model."""
+    torch._dynamo.reset()
+    model = randomize(tg.GPT(tiny_cfg(tmp_path, **flags)), seed=5, std=0.05)
+    fwd = torch.compile(model, dynamic=False, fullgraph=True, backend="eager")
+    ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(2))
+    for on in (False, True):
+        model.recur_active = on and bool(model.recur)
+        with torch.no_grad():
+            assert torch.allclose(fwd(ids, ids.roll(-1, 1)), model(ids, ids.roll(-1, 1)), atol=1e-6)
+
+
 @pytest.mark.parametrize("flags,words", [
     ({"recur_layers": "2,1"}, "RECUR_LAYERS '2,1' must be consecutive"), ({"recur_layers": "1,3"}, "consecutive"),
     ({"recur_layers": "3,4"}, "within 0..3"), ({"recur_layers": "a"}, "not a comma-separated list"),
