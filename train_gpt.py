@@ -210,9 +210,9 @@ def check_config(cfg: Config) -> None:
         try:
             ids(cfg)
         except ValueError:
-            raise InputError(f"{name} {getattr(cfg, name.lower())!r} is not a comma-separated list of layer numbers") from None
+            raise InputError(f"{name} {getattr(cfg, name.lower())!r} is not a comma-separated list of layers") from None
     rec = recur_layer_ids(cfg)
-    need(rec == list(range(rec[0], rec[0] + len(rec))) and 0 <= rec[0] and rec[-1] < cfg.num_layers if rec else True,
+    need(not rec or rec == list(range(rec[0], rec[-1] + 1)) and 0 <= rec[0] and rec[-1] < cfg.num_layers,
          f"RECUR_LAYERS {cfg.recur_layers!r} must be consecutive ascending layers within 0..{cfg.num_layers - 1}")
     need(cfg.recur_start <= 1, f"RECUR_START must be in [0, 1] (got {cfg.recur_start})")
     need(0 <= cfg.parallel_from < cfg.num_layers, f"PARALLEL_FROM must be in 0..{cfg.num_layers - 1} (0: off)")
@@ -262,7 +262,8 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "qk_gain_init", "logit_softcap", "residual_dtype",
                 "qk_alphabet", "vo_alphabet", "mlp_up_alphabet", "mlp_down_alphabet", "parallel_from", "recur_layers")
 MODEL_FIELDS_ADDED = {"residual_dtype": "fp32", "qk_alphabet": 64, "vo_alphabet": 32, "mlp_up_alphabet": 5,
-                      "mlp_down_alphabet": 16, "parallel_from": 0, "recur_layers": ""}  # what artifacts written before a field existed were made with
+                      "mlp_down_alphabet": 16, "parallel_from": 0,
+                      "recur_layers": ""}  # what artifacts written before a field existed were made with
 # what an artifact's scores depend on besides its weights: recorded in it; --eval-only uses them unless set
 EVAL_FIELDS = ("eval_seq_len", "eval_stride", "ttt", "ttt_optimizer", "ttt_lr", "ttt_epochs", "ttt_chunk_tokens",
                "ttt_momentum", "ttt_freeze_blocks", "ttt_grad_clip", "slot", "slot_steps", "slot_lr", "slot_lr_min")

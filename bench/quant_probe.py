@@ -38,7 +38,8 @@ def requantize(model: tg.GPT, names: list[str], bits: int) -> dict:
     params, out = dict(model.named_parameters()), {}
     for n in names:
         if n not in params or params[n].ndim != 2:
-            raise SystemExit(f"error: {n} is not a 2-D tensor of the model ({', '.join(k for k, v in params.items() if v.ndim == 2 and 'blocks' not in k)})")
+            tables = ", ".join(k for k, v in params.items() if v.ndim == 2 and "blocks" not in k)
+            raise SystemExit(f"error: {n} is not a 2-D tensor of the model (outside the blocks: {tables})")
         w = params[n].data
         q, s = tg.quantize_rows(w, 2 ** bits)
         with torch.no_grad():
