@@ -428,6 +428,8 @@ class Block(nn.Module):
 
     def forward(self, x, x0, rope, v0, ve, xm=None):
         """x: the residual stream (with lanes: attention's lane; xm: the MLP's lane, else None)."""
+        if xm is not None and not self.lanes:  # a plain block after lanes (in recurrence) reads them merged
+            x, xm = 0.5 * (x + xm), None
         mix, dt = self.resid_mix.to(x.dtype), x.dtype  # fp32 scales would promote a bf16 stream back to fp32
         x = mix[0] * x + mix[1] * x0
         a, v = self.attn(rms_norm(x) * self.ln_scale, rope, v0, ve, self.attn_scale)

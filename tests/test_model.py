@@ -79,7 +79,8 @@ def test_forward_backward_shapes_and_finite_grads(tmp_path):
             assert p.grad.shape == p.shape and torch.isfinite(p.grad).all(), n
 
 
-CANDIDATES = [{}, {"parallel_from": 2}, {"recur_layers": "1,2"}, {"parallel_from": 1, "recur_layers": "1,2"}]
+CANDIDATES = [{}, {"parallel_from": 2}, {"recur_layers": "1,2"}, {"parallel_from": 1, "recur_layers": "1,2"},
+              {"parallel_from": 2, "recur_layers": "1,2"}]  # last: a plain block runs again after a lanes block
 
 
 @pytest.mark.parametrize("flags", CANDIDATES, ids=str)
@@ -109,6 +110,19 @@ def test_parallel_lanes_start_as_the_plain_block_and_learn_their_routing(tmp_pat
     with torch.no_grad():
         lanes.blocks[3].lane_weights.copy_(torch.tensor([1.0, 0.5, 0.0, 1.5]))  # the MLP skips attention's lane
     assert not torch.allclose(_hidden(lanes, ids), _hidden(plain, ids))
+
+
+def test_a_plain_block_given_both_lanes_reads_their_mean(tmp_path):
+    """In recurrence a plain block can follow a lanes block (PARALLEL_FROM=2, RECUR_LAYERS=1,2): it reads the
+    lanes merged, as the final norm does, instead of dropping the MLP's lane."""
+    model = randomize(tg.GPT(tiny_cfg(tmp_path, parallel_from=2, recur_layers="1,2")), seed=6, std=0.05)
+    g = torch.Generator().manual_seed(3)
+    x, xm, x0 = (torch.randn(2, 16, model.cfg.model_dim, generator=g) for _ in range(3))
+    rope = (model.rope_cos[:, :16], model.rope_sin[:, :16])
+    with torch.no_grad():
+        got, _, lane = model.blocks[1](x, x0, rope, None, None, xm)
+        want, _, _ = model.blocks[1](0.5 * (x + xm), x0, rope, None, None)
+    assert lane is None and torch.equal(got, want)
 
 
 def test_depth_recurrence_runs_its_layers_twice_once_active(tmp_path):
