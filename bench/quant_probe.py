@@ -12,6 +12,7 @@ that entropy; the artifact's lzma then takes off what it can from either).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
         base, cfg = tg.load_artifact(args.artifact, torch.device("cpu"))
     except tg.InputError as e:
         sys.exit(f"error: {e}")
-    probe, _ = tg.load_artifact(args.artifact, torch.device("cpu"))
+    probe = copy.deepcopy(base)
     sizes = requantize(probe, [n.strip() for n in args.tensors.split(",") if n.strip()], args.bits)
     cfg.data_path, cfg.tokenizer_path = data, tok
     tokens = tg.load_val_tokens(cfg)
