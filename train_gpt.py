@@ -8,8 +8,8 @@ Evaluate:        python train_gpt.py --eval-only runs/<run>/model.hqa
 Sections, in the order data flows: config, model, training, quantization and artifact, evaluation, main.
 Modules: hq_data.py (shards, the training stream), hq_dist.py (ranks, logging), fused_kernels.py (the model's
 kernels), hq_optim.py (the optimizer), hq_artifact.py (the artifact's container), hq_adapt.py (TTT's and SLOT's
-updates). Every hyperparameter is a field of Config, settable as an environment variable (MATRIX_LR) and a flag
-(--matrix-lr); precedence: preset < environment < flag.
+updates), hq_gptq.py (GPTQ's export). Every hyperparameter is a field of Config, settable as an environment
+variable (MATRIX_LR) and a flag (--matrix-lr); precedence: preset < environment < flag.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import fused_kernels as fast  # the fast path: each of the model's ops below, as a kernel where one applies
 import hq_artifact  # the artifact's container: byte format, checks that need no model, compression
+import hq_gptq  # GPTQ's error-compensated levels and the calibration Hessians they need
 from hq_data import TrainLoader, check_shards, load_val_tokens, shard_files  # shards, the training stream
 from hq_adapt import fit_slot_delta, slot_adam_step, ttt_update  # SLOT's offset fit and TTT's weight update
 from hq_dist import (RUN_FILES, Dist, InputError, Log, atomic_torch_save, atomic_write,  # ranks, logging, writes,
@@ -119,6 +120,12 @@ class Config:
     embed_bits: int = 16  # tok_emb: 16, 8 or 6 (spec V62: 6)
     table_bits: int = 16  # the BigramHash and value-embedding tables: 16 or 8
     compressor: str = "lzma"  # lzma | zstd
+    # QAT=0 trains float weights that only the export quantizes. GPTQ=1 exports error-compensated levels (at the
+    # same scales) from GPTQ_CALIB_SEQS training sequences; it runs on the training clock, GPTQ_RESERVE_S of it
+    qat: int = 1
+    gptq: int = 0
+    gptq_calib_seqs: int = 64
+    gptq_reserve_s: float = 8.0
     # evaluation (spec §5)
     eval_seq_len: int = 1024
     eval_stride: int = 64
@@ -197,7 +204,7 @@ def check_config(cfg: Config) -> None:
             raise InputError(msg)
     for k in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "bigram_dim", "ve_dim",
               "train_batch_tokens", "train_seq_len", "micro_batch_seqs", "iterations", "muon_backend_steps",
-              "eval_seq_len", "eval_batch_seqs", "ttt_chunk_tokens", "mlp_mult", "logit_softcap"):
+              "eval_seq_len", "eval_batch_seqs", "ttt_chunk_tokens", "mlp_mult", "logit_softcap", "gptq_calib_seqs"):
         need(getattr(cfg, k) > 0, f"{k.upper()} must be positive (got {getattr(cfg, k)})")
     need(cfg.bigram_vocab >= 2, "BIGRAM_VOCAB must be at least 2")
     for k in (f.name for f in fields(Config) if f.type == "float"):  # rates, decays, clips, seconds: NaN/inf/< 0 mean nothing
@@ -229,7 +236,10 @@ def check_config(cfg: Config) -> None:
     for k in ("qk_alphabet", "vo_alphabet", "mlp_up_alphabet", "mlp_down_alphabet"):
         need(getattr(cfg, k) in ALPHABETS, f"{k.upper()} must be one of {', '.join(map(str, ALPHABETS))} "
              f"(5: pentanary, 2^k: int-k; got {getattr(cfg, k)})")
-    need(cfg.warmup_by_clock in (0, 1), "WARMUP_BY_CLOCK must be 0 or 1")
+    for k in ("warmup_by_clock", "qat", "gptq"):
+        need(getattr(cfg, k) in (0, 1), f"{k.upper()} must be 0 or 1 (got {getattr(cfg, k)})")
+    need(not cfg.gptq or cfg.max_wallclock_seconds == 0 or cfg.gptq_reserve_s < cfg.max_wallclock_seconds,
+         "GPTQ_RESERVE_S must be less than MAX_WALLCLOCK_SECONDS")
     need(cfg.slot in ("off", "causal", "reference"), "SLOT must be off, causal or reference")
     need(cfg.ttt_optimizer in ("sgd", "muon"), "TTT_OPTIMIZER must be sgd or muon")
     need(0 < cfg.eval_stride <= cfg.eval_seq_len, "EVAL_STRIDE must be in 1..EVAL_SEQ_LEN")
@@ -719,12 +729,15 @@ def train(cfg: Config, d: Dist, log: Log, ck: dict | None = None) -> tuple[GPT, 
     """Trains from scratch, or on from `ck` (load_checkpoint's, checked against cfg before any work)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(d.device)
+    model.set_quantized(bool(cfg.qat))
     for p in model.parameters():  # one initialization for all ranks, whatever their RNG did
         if d.world > 1:
             dist.broadcast(p.data, 0)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} world_size:{d.world} device:{d.device} "
         f"attention:{'fa3' if fast.fa3_attn is not None and d.device.type == 'cuda' else 'sdpa'}")
     log("config " + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    if cfg.gptq and cfg.max_wallclock_seconds > 0:  # GPTQ's calibration and solve run on the clock: schedule without it
+        cfg = dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds - cfg.gptq_reserve_s)
     fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile else model
     if cfg.compile and cfg.compile_warmup_steps > 0:  # compile before the clock, then restore (rules §1.2)
         t0 = time.perf_counter()
@@ -804,7 +817,8 @@ def train(cfg: Config, d: Dist, log: Log, ck: dict | None = None) -> tuple[GPT, 
         atomic_torch_save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
                            "config": dataclasses.asdict(cfg)}, Path(cfg.run_dir) / "model.pt")
     log(f"saved:{Path(cfg.run_dir) / 'model.pt'}")
-    return model, {"steps": step, "train_time": train_time}
+    levels, gptq_s = gptq_export(model, cfg, d, loader, log) if cfg.gptq else (None, 0.0)
+    return model, {"steps": step, "train_time": train_time + gptq_s, "gptq": levels}
 
 
 def check_ranks_agree(model: GPT, d: Dist, step: int, log: Log) -> None:
@@ -828,7 +842,7 @@ def check_ranks_agree(model: GPT, d: Dist, step: int, log: Log) -> None:
 
 SIZE_CAP = 16_000_000
 CODE_FILES = ("train_gpt.py", "hq_dist.py", "fused_kernels.py", "cutlass_mlp.cu", "hq_optim.py", "rans_codec.py",
-              "hq_artifact.py", "hq_adapt.py", "hq_data.py")  # the code a run uses, packed
+              "hq_artifact.py", "hq_adapt.py", "hq_data.py", "hq_gptq.py")  # the code a run uses, packed
 GROUP_ROLES = {"c_q": "q/k", "c_k": "q/k", "c_v": "v/o", "proj": "v/o", "up": "mlp-up", "down": "mlp-down",
                "tok_emb": "tok_emb", "bigram_embed": "bigram", "ve_embed": "value-emb"}  # a matrix's size-table group
 
@@ -847,13 +861,34 @@ def quantized_tensors(model: GPT, cfg: Config) -> dict[str, int]:
     return out
 
 
-def build_artifact(model: GPT, cfg: Config) -> tuple[bytes, list]:
+def gptq_export(model: GPT, cfg: Config, d: Dist, loader: TrainLoader, log: Log) -> tuple[dict, float]:
+    """Every QATLinear's levels by GPTQ (hq_gptq) at quantize_rows' scales (as build_artifact computes them, on the
+    CPU), from GPTQ_CALIB_SEQS sequences of the training stream (never val) split over the ranks; and its seconds."""
+    mods, seqs = dict(model.named_modules()), -(-cfg.gptq_calib_seqs // d.world) * d.world  # equal shares per rank
+    # q, k and v multiply their attention's input in one matmul; the fused kernels call no linear's forward
+    lins = [(f"{n}.weight", n.rsplit(".", 1)[0] if n.endswith(("c_q", "c_k", "c_v")) else n, m.weight, m.alphabet)
+            for n, m in mods.items() if isinstance(m, QATLinear)]
+    with hq_gptq.attr_set([m for m in mods.values() if getattr(m, "fused", False)], "fused", False):
+        levels, t = hq_gptq.export(model, [(n, k, mods[k], w, a) for n, k, w, a in lins],
+                                   lambda: [x for x, _ in loader.next_step()], seqs // d.world, GPT.hidden,
+                                   lambda w, a: quantize_rows(w.float().cpu(), a)[1], d.all_reduce, lambda: sync(d),
+                                   lambda: autocast(d))
+    log(f"gptq: calib_seqs:{seqs} tokens:{seqs * cfg.train_seq_len} hessian:{t['hessian']:.1f}s solve:{t['solve']:.1f}s "
+        f"total:{t['total']:.1f}s reserve:{cfg.gptq_reserve_s:.1f}s")
+    if cfg.max_wallclock_seconds > 0 and t["total"] > cfg.gptq_reserve_s:
+        log(f"gptq: WARNING: {t['total']:.1f}s, over GPTQ_RESERVE_S={cfg.gptq_reserve_s:.1f}s: the run overran the clock")
+    return levels, t["total"]
+
+
+def build_artifact(model: GPT, cfg: Config, levels: dict | None = None) -> tuple[bytes, list]:
     """Returns the uncompressed payload and a per-group size table (the container: hq_artifact.pack)."""
     def quantize(w: np.ndarray, a: int) -> tuple[np.ndarray, np.ndarray]:
         q, scale = quantize_rows(torch.from_numpy(w), a)
+        q = (levels or {}).get(names[id(w)], q)  # `levels` (GPTQ's), made for these scales, replace rounding's
         return (q + a // 2).to(torch.uint8).numpy(), scale.numpy()
     qnames = quantized_tensors(model, cfg)
     tensors = [(k, v.detach().float().cpu().numpy(), qnames.get(k)) for k, v in model.state_dict().items()]
+    names = {id(w): k for k, w, _ in tensors}  # pack hands quantize the arrays of `tensors` themselves
     mc = {k: getattr(cfg, k) for k in MODEL_FIELDS + EVAL_FIELDS}
     if not model.recur_active:  # a run that stopped before RECUR_START was trained, and is scored, without it
         mc["recur_layers"] = ""
@@ -942,12 +977,12 @@ def code_bytes() -> int:
     return code_sizes()["packed"]
 
 
-def write_artifact(model: GPT, cfg: Config, d: Dist, log: Log) -> tuple[str, dict]:
+def write_artifact(model: GPT, cfg: Config, d: Dist, log: Log, levels: dict | None = None) -> tuple[str, dict]:
     """Rank 0 builds and writes the artifact atomically; fails loudly (and writes nothing) over the cap."""
     info = {}
     if d.main:
         t0 = time.perf_counter()
-        payload, table = build_artifact(model, cfg)
+        payload, table = build_artifact(model, cfg, levels)
         t1 = time.perf_counter()
         blob = hq_artifact.compress(payload, cfg.compressor)
         t2 = time.perf_counter()
@@ -1375,7 +1410,7 @@ def main(argv: list[str] | None = None) -> None:
         fast.select_mlp_kernels(cfg.fused_kernels, cfg.cutlass_mlp, d.device, log)
         model, train_info = train(cfg, d, log, ck)
         evaluate(model, ValData(cfg), cfg, d, cfg.eval_seq_len, "raw", log=log)
-        path, art = write_artifact(model, cfg, d, log)
+        path, art = write_artifact(model, cfg, d, log, train_info["gptq"])
         t = time.perf_counter()
         qmodel, _ = load_artifact(path, d.device)
         log(f"eval_phase:load_artifact {time.perf_counter() - t:.1f}s")

@@ -49,6 +49,20 @@ def requantize(model: tg.GPT, names: list[str], bits: int) -> dict:
     return out
 
 
+def score_model(name: str, model: tg.GPT, val, cfg, d, out: str | None) -> np.ndarray:
+    """Per-target NLL over the round trip's windows; printed as bpb, saved as OUT/NAME.npy if OUT is given."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        sc = tg.Scorer(model.eval(), val, cfg, d, cfg.eval_seq_len, cfg.eval_seq_len)
+        nll = sc.score(0, len(sc.ends))
+    print(f"{name}: {val.n} targets, bpb {nll.sum() / (math.log(2) * val.bytes.sum()):.5f}, "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        np.save(Path(out) / f"{name}.npy", nll)
+    return nll
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("artifact")
@@ -82,15 +96,7 @@ def main(argv=None) -> None:
     for name, model in (("base", base), ("probe", probe)):
         if name in nll:
             continue
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            sc = tg.Scorer(model.eval(), val, cfg, d, cfg.eval_seq_len, cfg.eval_seq_len)
-            nll[name] = sc.score(0, len(sc.ends))
-        print(f"{name}: {val.n} targets, bpb {nll[name].sum() / (math.log(2) * val.bytes.sum()):.5f}, "
-              f"{time.perf_counter() - t0:.0f}s", flush=True)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            np.save(Path(args.out) / f"{name}.npy", nll[name])
+        nll[name] = score_model(name, model, val, cfg, d, args.out)
     for n, (before, after) in sizes.items():
         print(f"{n}: int{args.bits} per row ~{after:,.0f} B (entropy + scales) vs fp16 {before:,} B: saves ~{before - after:,.0f} B")
     r = pt.paired(nll["probe"], nll["base"], val.bytes, pt.unit_ids(val.tokens, val.n, "doc", 0))

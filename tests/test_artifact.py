@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import hq_artifact as ha
+import hq_gptq
 import packing
 import rans_codec as rc
 from conftest import dist1, quiet_log, randomize, smoke_cfg, tg
@@ -608,3 +609,141 @@ def test_eval_settings_travel_and_older_artifacts_record_none(trained, artifact)
     assert evals == {}
     with pytest.raises(tg.InputError):
         tg.parse_artifact(_forge(artifact["payload"], lambda h: h["config"].__setitem__("slot", "sideways")), "x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPTQ export (GPTQ=1): error-compensated levels at quantize_rows' scales, the same format and loader
+# ---------------------------------------------------------------------------------------------------
+
+
+def _layer(alphabet, seed=0, rows=24, cols=40, n=1500):
+    """A random layer and correlated inputs (a random mixing of white noise) for it: calibration and held out."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g)
+    X, X_test = (torch.randn(n, cols, generator=g) @ mix for _ in range(2))
+    W = torch.randn(rows, cols, generator=g) * 0.1
+    return W, X, X_test
+
+
+def _err(X, W, q, s, a):
+    return float((X @ (W - tg.dequantize_rows(q, s, a)).T).pow(2).sum())
+
+
+@pytest.mark.parametrize("alphabet", [tg.INT4, tg.INT6, tg.PENT])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(alphabet, act_order):
+    W, X, X_test = _layer(alphabet)
+    q_rtn, s = tg.quantize_rows(W, alphabet)
+    q = hq_gptq.gptq_levels(W, alphabet, s, X.T @ X, act_order=act_order)
+    assert _err(X, W, q, s, alphabet) < 0.8 * _err(X, W, q_rtn, s, alphabet)  # the objective it minimises
+    assert _err(X_test, W, q, s, alphabet) < _err(X_test, W, q_rtn, s, alphabet)  # and on inputs it never saw
+    lo, hi = hq_gptq.level_range(alphabet)
+    assert torch.equal(q, q.round()) and q.min() >= lo and q.max() <= hi and q.dtype == torch.float32
+    assert (lo, hi) == ((-2, 2) if alphabet == tg.PENT else (-alphabet // 2, alphabet // 2 - 1))
+    assert q.min() == lo or q.max() == hi  # the whole range is in use (a clamp that cut it short would fail)
+
+
+@pytest.mark.parametrize("alphabet", tg.ALPHABETS)
+def test_gptq_dequantizes_exactly_as_the_loader(alphabet):
+    W, X, _ = _layer(alphabet, seed=1)
+    q_rtn, s = tg.quantize_rows(W, alphabet)
+    q = hq_gptq.gptq_levels(W, alphabet, s, X.T @ X)
+    for levels in (q, q_rtn):
+        assert torch.equal(hq_gptq.dequantize(levels, s, alphabet), tg.dequantize_rows(levels, s, alphabet))
+
+
+def test_gptq_dead_inputs_round_plainly_and_shared_inputs_solve_as_one():
+    W, X, _ = _layer(tg.INT4, seed=2)
+    X[:, [3, 17]] = 0  # inputs no calibration token reached
+    H = X.T @ X
+    q_rtn, s = tg.quantize_rows(W, tg.INT4)
+    q = hq_gptq.gptq_levels(W, tg.INT4, s, H)
+    assert torch.isfinite(q).all()
+    nearest = torch.clamp(torch.round(W[:, [3, 17]] / (s.float() / 8)), -8, 7)
+    assert torch.equal(q[:, [3, 17]], nearest)
+    W2 = torch.randn(8, W.size(1), generator=torch.Generator().manual_seed(5))
+    q2_rtn, s2 = tg.quantize_rows(W2, tg.PENT)
+    both = hq_gptq.gptq_shared(H, [(W, tg.INT4, s), (W2, tg.PENT, s2)])
+    assert torch.equal(both[0], q) and torch.equal(both[1], hq_gptq.gptq_levels(W2, tg.PENT, s2, H))
+    assert torch.equal(hq_gptq.gptq_levels(torch.zeros(4, W.size(1)), tg.PENT, torch.zeros(4, 1).half(), H),
+                       torch.zeros(4, W.size(1)))  # an all-zero row: scale 0, level 0
+
+
+def test_hessians_sum_each_modules_inputs_over_batches_and_reruns():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)
+    model = torch.nn.Sequential(a, b)
+    batches = [torch.randn(2, 4, 6), torch.randn(3, 4, 6)]
+
+    def forward(m, x):
+        m(x)
+        a(x)  # a second run of one module adds its input again (recurrence)
+    H = hq_gptq.collect_hessians(model, [("a", a), ("b", b)], batches, forward)
+    xs = torch.cat([x.reshape(-1, 6) for x in batches])
+    torch.testing.assert_close(H["a"], 2 * xs.T @ xs)
+    with torch.no_grad():
+        ys = a(xs)
+    torch.testing.assert_close(H["b"], ys.T @ ys)
+    assert not a._forward_pre_hooks and not b._forward_pre_hooks  # the hooks are gone
+    calls = []
+
+    def next_batches():
+        calls.append(1)
+        return [torch.zeros(3, 2), torch.ones(3, 2)]
+    got = list(hq_gptq.first_rows(next_batches, 7))
+    assert [x.size(0) for x in got] == [3, 3, 1] and len(calls) == 2
+
+
+@pytest.fixture(scope="module")
+def gptq_run(tmp_path_factory):
+    """A smoke run with GPTQ=1 (its calibration: 8 training sequences), its artifact written and loaded."""
+    run = tmp_path_factory.mktemp("gptq")
+    cfg = smoke_cfg(run, iterations=4, warmdown_iters=2, save_every=0, gptq=1, gptq_calib_seqs=8, compressor="zstd")
+    log = quiet_log(run / "train.log")
+    model, info = tg.train(cfg, dist1(), log)
+    path, _ = tg.write_artifact(model, cfg, dist1(), log, info["gptq"])
+    loaded, _ = tg.load_artifact(path, torch.device("cpu"))
+    return {"cfg": cfg, "model": model.eval(), "levels": info["gptq"], "loaded": loaded.eval(),
+            "log": (run / "train.log").read_text()}
+
+
+def test_gptq_run_round_trips_exactly_the_gptq_weights(gptq_run, ids):
+    model, cfg, levels, loaded = gptq_run["model"], gptq_run["cfg"], gptq_run["levels"], gptq_run["loaded"]
+    lins = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, tg.QATLinear)}
+    assert set(levels) == set(lins)
+    ref = qat_reference(model, cfg)  # round to nearest, as the QAT forward sees it
+    rtn = copy.deepcopy(ref)
+    ref.set_quantized(False)
+    changed = 0
+    with torch.no_grad():
+        for k, p in ref.named_parameters():
+            if k in lins:
+                q_rtn, s = tg.quantize_rows(p.detach(), lins[k].alphabet)
+                lo, hi = hq_gptq.level_range(lins[k].alphabet)
+                assert levels[k].shape == p.shape and levels[k].min() >= lo and levels[k].max() <= hi
+                changed += int((levels[k] != q_rtn).sum())
+                p.copy_(tg.dequantize_rows(levels[k], s, lins[k].alphabet))
+        sd = loaded.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in ref.state_dict().items())
+        a, b = ref.logits(ref.hidden(ids)), loaded.logits(loaded.hidden(ids))
+        assert torch.equal(a, b) and not torch.equal(a, rtn.logits(rtn.hidden(ids)))
+    assert changed > 0
+    assert "gptq: calib_seqs:8 tokens:1024 hessian:" in gptq_run["log"] and "WARNING" not in gptq_run["log"]
+
+
+def test_gptq_stores_quantize_rows_scales_and_leaves_the_format_alone(gptq_run):
+    model, cfg, levels = gptq_run["model"], gptq_run["cfg"], gptq_run["levels"]
+    payload, table = tg.build_artifact(model, cfg, levels)
+    plain, plain_table = tg.build_artifact(model, cfg)
+    header = lambda p: json.loads(p[12:12 + int.from_bytes(p[8:12], "little")])  # noqa: E731
+    h, h0 = header(payload), header(plain)
+    assert h["config"] == h0["config"] and not any(k.startswith(("gptq", "qat")) for k in h["config"])
+    assert [{k: v for k, v in e.items() if k != "offset"} for e in h["tensors"]] == \
+           [{k: v for k, v in e.items() if k != "offset"} for e in h0["tensors"]]
+    assert [g for g, *_ in table] == [g for g, *_ in plain_table]
+    off = len(ha.MAGIC) + 4 + int.from_bytes(payload[8:12], "little")
+    for e in h["tensors"]:
+        if "alphabet" in e:  # the stored fp16 row scales are quantize_rows' own
+            w = model.state_dict()[e["name"]].float()
+            got = np.frombuffer(payload[off + e["scale_offset"]:off + e["scale_offset"] + e["scale_bytes"]], "<f2")
+            assert np.array_equal(got, tg.quantize_rows(w, e["alphabet"])[1].numpy().ravel()), e["name"]

@@ -1,5 +1,5 @@
-"""Score tooling (bench/paired_test.py, bench/score_ab.py, bench/quant_probe.py): the significance tests, the A/B
-table, the post-training quantization probe."""
+"""Score tooling (bench/paired_test.py, bench/score_ab.py, bench/quant_probe.py, bench/gptq_probe.py): the
+significance tests, the A/B table, the post-training quantization probe, the GPTQ export probe."""
 import math
 import sys
 
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, smoke_cfg, tg
+from conftest import ROOT, TOKENIZER, smoke_cfg, tg
 
 sys.path.insert(0, str(ROOT / "bench"))
+import gptq_probe  # noqa: E402
 import paired_test as pt  # noqa: E402
 import quant_probe  # noqa: E402
 import score_ab  # noqa: E402
@@ -146,3 +147,25 @@ def test_quant_probe_requantizes_only_the_named_tables_and_counts_their_bytes(tm
     assert fp16 == 2 * rows * cols and 2 * rows < est < (bits / 8) * rows * cols + 2 * rows + 1
     with pytest.raises(SystemExit, match="not a 2-D tensor"):
         quant_probe.requantize(model, ["smear_gate"], bits)
+
+
+def test_gptq_probe_scores_float_round_and_gptq_on_the_smoke_run(trained, small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATA_PATH", str(small_data))
+    monkeypatch.setenv("TOKENIZER_PATH", str(TOKENIZER))
+    gptq_probe.main([str(trained["run"] / "model.pt"), "--calib-seqs", "8", "--targets", "2048", "--device", "cpu",
+                     "--unit", "block", "--block", "256", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "gptq: calib_seqs:8 tokens:1024 hessian:" in out
+    bpb = {ln.split(":")[0]: float(ln.split("bpb ")[1].split(",")[0]) for ln in out.splitlines()
+           if ln.split(":")[0] in ("float", "round", "gptq") and " targets, bpb " in ln}
+    assert set(bpb) == {"float", "round", "gptq"} and all(2 < v < 12 for v in bpb.values())
+    assert "bytes: rANS stream round " in out and "bytes: pent mlp-up " in out
+    nll = {k: np.load(tmp_path / f"{k}.npy") for k in bpb}
+    assert all(len(v) == 2048 for v in nll.values()) and not np.array_equal(nll["gptq"], nll["round"])
+    cfg = tg.Config(data_path=str(small_data), tokenizer_path=str(TOKENIZER))
+    val = tg.ValData(cfg, tokens=tg.load_val_tokens(cfg)[:2049])
+    r = pt.paired(nll["gptq"], nll["round"], val.bytes, pt.unit_ids(val.tokens, val.n, "block", 256))
+    assert pt.report(r, "gptq", "round") in out and r["units"] == 8  # the paired test on the dumps it wrote
+    monkeypatch.delenv("DATA_PATH")
+    with pytest.raises(SystemExit, match="error: set DATA_PATH"):
+        gptq_probe.main([str(trained["run"] / "model.pt")])

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import hq_optim
-from conftest import (BAD_SHARDS, DATA, GOOD, LEAKY_ENV, ROOT, TOKENIZER, dist1, parse_steps, quiet_log, smoke_cfg, tg,
+from conftest import (BAD_SHARDS, CPU, DATA, GOOD, LEAKY_ENV, ROOT, TOKENIZER, dist1, parse_steps, quiet_log, smoke_cfg, tg,
                       val_tokens, write_shard)
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,6 +95,68 @@ def test_recurrence_turns_on_at_recur_start_and_the_artifact_runs_as_trained(tmp
     assert loaded.recur_active == model.recur_active
     with torch.no_grad():  # equal up to the fp16 storage of the unquantized parameters
         assert (loaded.hidden(ids) - model.hidden(ids)).abs().max() < 0.01
+
+
+def test_qat_0_trains_float_weights_and_the_export_quantizes_them(tmp_path):
+    runs = {}
+    for qat in (0, 1):
+        cfg = smoke_cfg(tmp_path / str(qat), iterations=3, warmdown_iters=1, log_every=1, save_every=0, qat=qat)
+        model, info = tg.train(cfg, dist1(), quiet_log(tmp_path / f"{qat}.log"))
+        runs[qat] = model, parse_steps((tmp_path / f"{qat}.log").read_text()), info
+    model, steps, info = runs[0]
+    lins = [m for m in model.modules() if isinstance(m, tg.QATLinear)]
+    assert lins and not any(m.quantized for m in lins) and info["gptq"] is None
+    # same seed, data and schedule: step 1 still matches (the zero-initialized projections hide q, k, v and up),
+    # then the float forward's gradients take the weights elsewhere
+    assert steps[1] == runs[1][1][1] and abs(steps[3] - runs[1][1][3]) > 1e-4, (steps, runs[1][1])
+    ids = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(1))
+    q = copy.deepcopy(model)
+    q.set_quantized(True)
+    with torch.no_grad():
+        assert not torch.equal(model.logits(model.hidden(ids)), q.logits(q.hidden(ids)))
+    path, _ = tg.write_artifact(model, cfg, dist1(), quiet_log())
+    loaded, _ = tg.load_artifact(path, CPU)
+    sd, qnames = loaded.state_dict(), tg.quantized_tensors(model, cfg)
+    for k, v in model.state_dict().items():
+        if k in qnames:  # the export rounds the float weights to the alphabet
+            assert torch.equal(sd[k], tg.dequantize_rows(*tg.quantize_rows(v, qnames[k]), qnames[k])), k
+
+
+def _gptq_levels(cfg):
+    model, info = tg.train(cfg, dist1(), quiet_log(Path(cfg.run_dir) / "train.log"))
+    return info["gptq"], (Path(cfg.run_dir) / "train.log").read_text()
+
+
+def test_gptq_calibrates_on_the_training_stream_only(tmp_path, small_data, monkeypatch):
+    """The calibration reads training batches from the train loader, after training's: the val shard replaced by
+    garbage gives the same levels, and nothing may read val at all during train()."""
+    garbage = tmp_path / "garbage"
+    (garbage / "fineweb_train_000000.bin").parent.mkdir()
+    (garbage / "fineweb_train_000000.bin").symlink_to(DATA / "fineweb_train_000000.bin")
+    write_shard(garbage / "fineweb_val_000000.bin", np.random.default_rng(0).integers(0, 1024, 8193))
+    calls = []
+    next_step = tg.TrainLoader.next_step
+    monkeypatch.setattr(tg.TrainLoader, "next_step", lambda self: calls.append(1) or next_step(self))
+    for name in ("ValData", "load_val_tokens"):
+        monkeypatch.setattr(tg, name, lambda *a, **k: pytest.fail("train() read the val stream"))
+    flags = dict(iterations=2, warmdown_iters=1, save_every=0, gptq=1, gptq_calib_seqs=40)
+    a, log = _gptq_levels(smoke_cfg(tmp_path / "a", data_path=str(small_data), **flags))
+    assert len(calls) == 2 + 2  # 2 training steps, then 40 sequences: a step's 32 and 8 of the next
+    b, _ = _gptq_levels(smoke_cfg(tmp_path / "b", data_path=str(garbage), **flags))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "gptq: calib_seqs:40 tokens:5120 " in log
+
+
+@pytest.mark.parametrize("reserve", [1.5, 0.0])
+def test_gptq_reserve_comes_off_the_training_clock(tmp_path, reserve):
+    cfg = smoke_cfg(tmp_path, iterations=1000, warmdown_iters=100, save_every=0, gptq=1, gptq_calib_seqs=8,
+                    max_wallclock_seconds=2.0, gptq_reserve_s=reserve)
+    _, info = tg.train(cfg, dist1(), quiet_log(tmp_path / "train.log"))
+    log = (tmp_path / "train.log").read_text()
+    stopped = float(log.split("stopped step:")[1].split("train_time:")[1].split("ms")[0]) / 1000
+    gptq_s = float(log.split("gptq: calib_seqs:")[1].split("total:")[1].split("s")[0])
+    assert stopped < 2.0 - reserve + 1.0 and info["train_time"] == pytest.approx(stopped + gptq_s, abs=0.06)
+    assert ('"max_wallclock_seconds": 2.0' in log) and (("gptq: WARNING" in log) == (reserve == 0.0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,11 +276,28 @@ def test_build_config_bad_preset():
     ({"eval_stride": 256}, "EVAL_STRIDE"),
     ({"warmdown_iters": 31}, "WARMDOWN_ITERS"),
     ({"iterations": 0, "warmdown_iters": 0}, "ITERATIONS"),
+    ({"gptq": 2}, "GPTQ must be 0 or 1 (got 2)"), ({"qat": 3}, "QAT must be 0 or 1 (got 3)"),
+    ({"gptq_calib_seqs": -1}, "GPTQ_CALIB_SEQS must be positive (got -1)"),
+    ({"gptq_calib_seqs": 0}, "GPTQ_CALIB_SEQS must be positive"),
+    ({"gptq_reserve_s": "-1"}, "GPTQ_RESERVE_S must not be negative"),
+    ({"gptq_reserve_s": "nan"}, "GPTQ_RESERVE_S must be finite"),
+    ({"gptq": 1, "max_wallclock_seconds": 5, "gptq_reserve_s": 5}, "GPTQ_RESERVE_S must be less than MAX_WALLCLOCK_SECONDS"),
 ])
 def test_build_config_bad_flag_values(flags, words):
     with pytest.raises(tg.InputError) as e:
         tg.build_config("smoke", flags=flags, env={})
     assert words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("env,words", [({"GPTQ": "2"}, "error: GPTQ must be 0 or 1"), ({"QAT": "3"}, "error: QAT must be 0 or 1"),
+                                       ({"GPTQ_CALIB_SEQS": "-64"}, "error: GPTQ_CALIB_SEQS must be positive"),
+                                       ({"GPTQ_RESERVE_S": "-8"}, "error: GPTQ_RESERVE_S must not be negative")])
+def test_cli_refuses_bad_gptq_and_qat_settings(tmp_path, monkeypatch, capsys, env, words):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--preset", "smoke", "--run-dir", str(tmp_path / "run")])
+    assert e.value.code == 2 and words in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_build_config_env_names_the_variable():
@@ -649,6 +729,25 @@ def test_torchrun_ttt_matches_single_process(tmp_path, small_data, single_run):
     n1, n2 = np.load(e1 / "nll.npy"), np.load(e2 / "nll.npy")
     assert abs(r1["val_bpb"] - r2["val_bpb"]) < 1e-4, (r1, r2)
     np.testing.assert_allclose(n1, n2, atol=1e-4)
+
+
+def test_torchrun_gptq_sums_the_ranks_hessians(tmp_path, small_data):
+    """GPTQ=1 on 2 ranks: each calibrates on its own half of a training step (16 sequences), their Hessians are summed,
+    so the levels are those of one process calibrating on the whole step (up to rounding ties: fp32 sums in
+    another order, and weights that agree to 1e-4)."""
+    two = tmp_path / "two"
+    flags = ["--slot", "off", "--ttt", "0", "--gptq", "1", "--gptq-calib-seqs", "32"]
+    log2 = _run([*TORCHRUN, SCRIPT, *_common(small_data), *flags, "--run-dir", str(two)], two / "train.log",
+                "saved:" + str(two / "submission.json"))
+    assert "world_size:2" in log2 and "gptq: calib_seqs:32 tokens:4096 " in log2
+    cfg = smoke_cfg(tmp_path / "one", data_path=str(small_data), train_batch_tokens=4096, train_seq_len=128,
+                    micro_batch_seqs=16, iterations=4, warmdown_iters=2, gptq=1, gptq_calib_seqs=32)  # as _common's
+    model, info = tg.train(cfg, dist1(), quiet_log())
+    _, one = tg.parse_artifact(tg.build_artifact(model, cfg, info["gptq"])[0], "one")
+    _, got = tg.parse_artifact((two / "model.hqa").read_bytes(), "two")
+    for k in info["gptq"]:
+        same = (one[k] == got[k]).float().mean().item()
+        assert same > 0.999, (k, same)  # one rank's half alone: 0.81-0.88 (measured)
 
 
 @pytest.mark.parametrize("value", ["1.5", "nan", "-inf"])
