@@ -37,6 +37,7 @@ import hq_artifact  # the artifact's container: byte format, checks that need no
 import hq_gptq  # GPTQ's error-compensated levels and the calibration Hessians they need
 from hq_data import TrainLoader, check_shards, load_val_tokens, shard_files  # shards, the training stream
 from hq_adapt import fit_slot_delta, slot_adam_step, ttt_update  # SLOT's offset fit and TTT's weight update
+import hq_doc_ttt  # per-document score-first LoRA TTT (TTT_LORA_RANK > 0)
 from hq_dist import (RUN_FILES, Dist, InputError, Log, atomic_torch_save, atomic_write,  # ranks, logging, writes,
                      claim_run_dir, init_dist)  # run folders
 from hq_optim import Optimizers  # Parallel Muon for the matrices + AdamW for the rest
@@ -139,6 +140,13 @@ class Config:
     ttt_momentum: float = 0.9
     ttt_freeze_blocks: int = 0
     ttt_grad_clip: float = 1.0
+    # TTT_LORA_RANK > 0: per-document LoRA TTT (hq_doc_ttt.py) instead of the chunk TTT above: each document
+    # gets fresh rank-r adapters on TTT_LORA_SITES, and each TTT_DOC_CHUNK of its targets is scored, then trained on
+    ttt_lora_rank: int = 0
+    ttt_lora_sites: str = "q,v,head"  # some of q,k,v,o,up,down (each block), head
+    ttt_lora_lr: float = 0.001  # Adam (betas 0.9/0.95), one step per chunk
+    ttt_doc_chunk: int = 48
+    ttt_doc_batch: int = 64  # documents adapted side by side
     slot: str = "off"  # off | causal | reference (reference is NOT record-legal)
     slot_steps: int = 20
     slot_lr: float = 0.1
@@ -242,6 +250,11 @@ def check_config(cfg: Config) -> None:
          "GPTQ_RESERVE_S must be less than MAX_WALLCLOCK_SECONDS")
     need(cfg.slot in ("off", "causal", "reference"), "SLOT must be off, causal or reference")
     need(cfg.ttt_optimizer in ("sgd", "muon"), "TTT_OPTIMIZER must be sgd or muon")
+    need(cfg.ttt_lora_rank >= 0 and cfg.ttt_doc_batch > 0 and cfg.ttt_doc_chunk > 0 and
+         (cfg.ttt_lora_rank == 0 or cfg.ttt_doc_chunk <= cfg.eval_seq_len),
+         "TTT_LORA_RANK must be >= 0, TTT_DOC_BATCH > 0, TTT_DOC_CHUNK in 1..EVAL_SEQ_LEN")
+    sites = cfg.ttt_lora_sites.split(",")
+    need(bool(sites) and set(sites) <= set(hq_doc_ttt.SITES), f"TTT_LORA_SITES must be some of {','.join(hq_doc_ttt.SITES)}")
     need(0 < cfg.eval_stride <= cfg.eval_seq_len, "EVAL_STRIDE must be in 1..EVAL_SEQ_LEN")
     need(cfg.iterations > 0 and 0 <= cfg.warmdown_iters <= cfg.iterations, "need 0 <= WARMDOWN_ITERS <= ITERATIONS")
 
@@ -276,7 +289,8 @@ MODEL_FIELDS_ADDED = {"residual_dtype": "fp32", "qk_alphabet": 64, "vo_alphabet"
                       "recur_layers": ""}  # what artifacts written before a field existed were made with
 # what an artifact's scores depend on besides its weights: recorded in it; --eval-only uses them unless set
 EVAL_FIELDS = ("eval_seq_len", "eval_stride", "ttt", "ttt_optimizer", "ttt_lr", "ttt_epochs", "ttt_chunk_tokens",
-               "ttt_momentum", "ttt_freeze_blocks", "ttt_grad_clip", "slot", "slot_steps", "slot_lr", "slot_lr_min")
+               "ttt_momentum", "ttt_freeze_blocks", "ttt_grad_clip", "slot", "slot_steps", "slot_lr", "slot_lr_min",
+               "ttt_lora_rank", "ttt_lora_sites", "ttt_lora_lr", "ttt_doc_chunk", "ttt_doc_batch")
 
 # ----------------------------------------------------------------------------------------------------
 # Model (spec §1): QAT linears, partial RoPE, XSA, value residual/embeddings, U-Net skips
@@ -842,7 +856,8 @@ def check_ranks_agree(model: GPT, d: Dist, step: int, log: Log) -> None:
 
 SIZE_CAP = 16_000_000
 CODE_FILES = ("train_gpt.py", "hq_dist.py", "fused_kernels.py", "cutlass_mlp.cu", "hq_optim.py", "rans_codec.py",
-              "hq_artifact.py", "hq_adapt.py", "hq_data.py", "hq_gptq.py")  # the code a run uses, packed
+              "hq_artifact.py", "hq_adapt.py", "hq_data.py", "hq_gptq.py",
+              "hq_doc_ttt.py")  # the code a run uses, packed
 GROUP_ROLES = {"c_q": "q/k", "c_k": "q/k", "c_v": "v/o", "proj": "v/o", "up": "mlp-up", "down": "mlp-down",
                "tok_emb": "tok_emb", "bigram_embed": "bigram", "ve_embed": "value-emb"}  # a matrix's size-table group
 
@@ -1208,6 +1223,8 @@ def eval_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Log, deadline:
     """Legal score-first TTT (spec §5.4, fixed): the val stream in chunks of TTT_CHUNK_TOKENS targets; each
     chunk is scored under inference_mode, then trained on -- only its own, already scored targets -- and
     only then is the next chunk scored. Scoring is split across ranks; gradients are averaged."""
+    if cfg.ttt_lora_rank > 0:  # per-document LoRA TTT instead; it leaves the model itself unchanged
+        return hq_doc_ttt.eval_doc_lora_ttt(model, val, cfg, d, log, deadline, save_nll, **hq_doc_ttt.cfg_kwargs(cfg))
     t0 = time.perf_counter()
     model = copy.deepcopy(model)  # adapt a private copy: later phases must never see val-trained weights
     sc = Scorer(model, val, cfg, d, cfg.eval_seq_len, cfg.eval_stride)
