@@ -382,22 +382,18 @@ def eval_doc_lora_ttt(model: GPT, val: ValData, cfg: Config, d: Dist, log: Calla
     t_lo, t_hi = (int(starts_all[k]) if k < len(starts_all) else n for k in (k_lo, k_hi))
     starts, lens, multi = starts_all[k_lo:k_hi], lens_all[k_lo:k_hi], multi_all[k_lo:k_hi]
     out, seen = np.full(t_hi - t_lo, np.nan), np.zeros(t_hi - t_lo, np.int64)
-    tally = {"nll": 0.0, "bytes": 0.0, "done": 0, "next": 0.1}
+    tally = {"nll": 0.0, "bytes": 0.0, "done": 0}
     pname = f"{name}_lora"
+    prog = tg.Progress(pname, len(out), val, None, log)
 
     def write(tgt: np.ndarray, nll: np.ndarray) -> None:
         np.add.at(seen, tgt - t_lo, 1)
         out[tgt - t_lo] = nll
         tally["nll"] += float(nll.sum())
-        tally["bytes"] += float(val.bytes[tgt].sum())
+        tally["bytes"] += float(val.bytes[tgt].sum())  # documents finish out of stream order: their own bytes
         tally["done"] += len(tgt)
-        total = max(len(out), 1)
-        if tally["done"] / total + 1e-9 >= tally["next"] or tally["done"] == total:
-            tally["next"] = math.floor(tally["done"] / total * 10 + 1) / 10
-            dt = time.perf_counter() - t0
-            log(f"eval:{pname} {100 * tally['done'] / total:.0f}% tokens/s:{tally['done'] / max(dt, 1e-9):.0f} "
-                f"running_bpb:{tally['nll'] / math.log(2) / max(tally['bytes'], 1):.6f} "
-                f"eta:{dt * (total - tally['done']) / max(tally['done'], 1):.0f}s")
+        if prog.due(tally["done"]):
+            prog.line(tally["done"], tally["done"], tally["nll"], tally["bytes"])
 
     def nll_eager(x, y):
         with tg.autocast(d):

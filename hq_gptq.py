@@ -18,9 +18,10 @@ def level_range(alphabet: int) -> tuple[int, int]:
     return (-2, 2) if alphabet == PENT else (-(alphabet // 2), alphabet // 2 - 1)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, alphabet: int) -> torch.Tensor:
-    # train_gpt.dequantize_rows' float ops exactly: the error compensated here is the one the loader will see
-    return q * (scale.float() / (1 if alphabet == PENT else alphabet // 2))
+def row_step(scale: torch.Tensor, alphabet: int) -> torch.Tensor:
+    # a level's value is q * step: train_gpt.dequantize_rows' float ops exactly, so the error compensated here is
+    # the one the loader will see
+    return scale.float() / (1 if alphabet == PENT else alphabet // 2)
 
 
 def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -81,7 +82,7 @@ def gptq_shared(H: torch.Tensor, mats: list, **kw) -> list[torch.Tensor]:
     rows = []
     for w, a, s in mats:
         lo, hi = level_range(a)
-        step = s.float().to(w.device) / (1 if a == PENT else a // 2)
+        step = row_step(s, a).to(w.device)
         rows.append((w.float(), step.expand(w.size(0), 1), torch.full_like(step, lo).expand(w.size(0), 1),
                      torch.full_like(step, hi).expand(w.size(0), 1)))
     Q = gptq_rows(*(torch.cat(c) for c in zip(*rows)), H.to(mats[0][0].device), **kw)

@@ -1145,14 +1145,18 @@ class Progress:
         self.t0, self.next = time.perf_counter(), 0.1
 
     def __call__(self, done: int, parts: list) -> None:
-        if done / self.total + 1e-9 < self.next and done < self.total:
-            return
+        if self.due(done):
+            n = sum(len(p) for p in parts)
+            # rank 0 scores a contiguous block (sliding, SLOT) or the first slice of each chunk (TTT); the bytes
+            # per target average ~2.4 either way, so TTT's running bpb uses the stream's mean bytes per target
+            nbytes = float(self.val.bytes[self.t_lo:self.t_lo + n].sum()) if self.t_lo is not None else n * self.val.mean_bytes
+            self.line(done, n, sum(float(p.sum()) for p in parts), nbytes)
+
+    def due(self, done: int) -> bool:
+        return done / self.total + 1e-9 >= self.next or done >= self.total
+
+    def line(self, done: int, n: int, nll: float, nbytes: float) -> None:
         self.next = math.floor(done / self.total * 10 + 1) / 10
-        n = sum(len(p) for p in parts)
-        nll = sum(float(p.sum()) for p in parts)
-        # rank 0 scores a contiguous block (sliding, SLOT) or the first slice of each chunk (TTT); the bytes
-        # per target average ~2.4 either way, so TTT's running bpb uses the stream's mean bytes per target
-        nbytes = float(self.val.bytes[self.t_lo:self.t_lo + n].sum()) if self.t_lo is not None else n * self.val.mean_bytes
         dt = time.perf_counter() - self.t0
         self.log(f"eval:{self.name} {100 * done / self.total:.0f}% tokens/s:{n / max(dt, 1e-9):.0f} "
                  f"running_bpb:{nll / math.log(2) / max(nbytes, 1):.6f} eta:{dt * (self.total - done) / max(done, 1):.0f}s")
